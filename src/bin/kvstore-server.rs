@@ -1,0 +1,92 @@
+//! kvstore-server: settings -> telemetry -> bind -> run until SIGINT/SIGTERM, then drain.
+//! Exit codes: 0 after a clean or signal-initiated shutdown, 1 on a runtime failure (such
+//! as a port in use), 2 on a usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kvstore::config::{self, Flags};
+use kvstore::{server, shutdown, telemetry};
+use tracing::{error, warn};
+
+/// A key-value store with prefix change streams, serving gRPC and HTTP on one port.
+///
+/// Settings are layered, later winning: built-in defaults < the TOML file (--config or
+/// KVSTORE_CONFIG) < KVSTORE_* environment variables (KVSTORE_SERVER__LISTEN, ...) < the
+/// legacy GRPC_PORT / HTTP_PORT < these flags. config/kvstore.toml documents every key.
+#[derive(Debug, Parser)]
+#[command(version, max_term_width = 100)]
+struct Cli {
+    /// TOML configuration file; it must exist. Without one the built-in defaults apply.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Main listener, gRPC and HTTP on one port (server.listen) [default: 0.0.0.0:50051]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Legacy HTTP-only health listener; "" turns it off (server.health_listen) [default: 0.0.0.0:8080]
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<String>,
+    /// A level (trace, debug, info, warn, error) or a filter such as kvstore=debug (log.level);
+    /// RUST_LOG wins when set
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// json or text (log.format) [default: json]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let flags = Flags {
+        config: cli.config,
+        listen: cli.listen,
+        health_listen: cli.health_listen,
+        log_level: cli.log_level,
+        log_format: cli.log_format,
+    };
+    let loaded = match config::load(&flags) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("kvstore-server: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", loaded.settings.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(err) = telemetry::init(&loaded.settings.log) {
+        eprintln!("kvstore-server: configuration error: {err:#}");
+        return ExitCode::from(2);
+    }
+    if !loaded.ignored_env.is_empty() {
+        warn!(
+            variables = loaded.ignored_env.join(", "),
+            "ignoring environment variables that name no setting"
+        );
+    }
+    match run(loaded.settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!(error = format!("{err:#}"), "server failed");
+            eprintln!("kvstore-server: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: config::Settings) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let server = server::bind(settings).await?;
+        server.run(shutdown::signal()).await
+    })
+}

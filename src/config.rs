@@ -1,0 +1,767 @@
+//! Settings and how they are layered, later winning: built-in defaults < the TOML file named
+//! by `--config`/`KVSTORE_CONFIG` < `KVSTORE_*` environment variables < the legacy
+//! `GRPC_PORT`/`HTTP_PORT` < command-line flags. `config/kvstore.toml` documents every key.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The prefix of the server's environment variables; `__` separates nested keys.
+pub const ENV_PREFIX: &str = "KVSTORE_";
+
+/// Variables with [`ENV_PREFIX`] that are not settings but are expected: the config file
+/// path, and the client's endpoint (the two binaries often share an environment).
+const ENV_NOT_SETTINGS: [&str; 2] = ["KVSTORE_CONFIG", "KVSTORE_ENDPOINT"];
+
+/// Everything the server can be configured with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Listeners and request handling.
+    pub server: ServerSettings,
+    /// Size limits of keys and values.
+    pub limits: Limits,
+    /// Subscriber buffers and caps.
+    pub subscriptions: SubscriptionSettings,
+    /// Graceful shutdown timing.
+    pub shutdown: ShutdownSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[server]`: listeners and request handling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// The main listener: gRPC and HTTP on one port.
+    pub listen: SocketAddr,
+    /// The legacy second listener, HTTP routes only; `None` (an empty string) turns it off.
+    #[serde(with = "optional_addr")]
+    pub health_listen: Option<SocketAddr>,
+    /// The longest a unary gRPC call may take; streams are not cut by it.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Unary gRPC calls handled at once; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max_in_flight: usize,
+}
+
+/// `[limits]`: size limits of keys and values, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The longest key accepted.
+    pub max_key_bytes: usize,
+    /// The longest value accepted.
+    pub max_value_bytes: usize,
+}
+
+/// `[subscriptions]`: buffers and caps of change streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSettings {
+    /// Events queued per subscriber before it counts as lagging and its stream ends.
+    pub buffer: usize,
+    /// Subscriptions open at once; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max: usize,
+}
+
+/// `[shutdown]`: graceful shutdown timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After the signal, how long to keep serving while reporting not ready.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// How long open connections may take to finish before they are closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// A level (`info`) or a full filter (`kvstore=debug,tower_http=info`); `RUST_LOG` wins.
+    pub level: String,
+    /// `json` lines or human-readable `text`.
+    pub format: LogFormat,
+}
+
+/// How log lines are written to stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            server: ServerSettings {
+                listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+                health_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+                request_timeout: Duration::from_secs(10),
+                max_in_flight: 1024,
+            },
+            limits: Limits {
+                max_key_bytes: 4096,
+                max_value_bytes: 1024 * 1024,
+            },
+            subscriptions: SubscriptionSettings {
+                buffer: 1024,
+                max: 10_000,
+            },
+            shutdown: ShutdownSettings {
+                drain_delay: Duration::ZERO,
+                drain_timeout: Duration::from_secs(10),
+            },
+            log: LogSettings {
+                level: "info".into(),
+                format: LogFormat::Json,
+            },
+        }
+    }
+}
+
+impl Settings {
+    /// The effective settings as TOML, as `--print-config` prints them.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("settings are plain tables of strings and numbers")
+    }
+}
+
+/// Command-line flags, each overriding one setting. Values are parsed like every other
+/// layer, so a bad flag gets the same one-line error naming the flag.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// `--config PATH`.
+    pub config: Option<PathBuf>,
+    /// `--listen ADDR`.
+    pub listen: Option<String>,
+    /// `--health-listen ADDR`; empty turns the legacy listener off.
+    pub health_listen: Option<String>,
+    /// `--log-level LEVEL`.
+    pub log_level: Option<String>,
+    /// `--log-format json|text`.
+    pub log_format: Option<String>,
+}
+
+/// Settings that were loaded, and the environment variables that were not used.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The effective settings.
+    pub settings: Settings,
+    /// `KVSTORE_*` variables that name no setting, for a warning once logging is up.
+    pub ignored_env: Vec<String>,
+}
+
+/// Configuration that cannot be used, as one line naming the key and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(String);
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        let all: Vec<String> = err.into_iter().map(|e| describe(&e)).collect();
+        Self(all.join("; "))
+    }
+}
+
+/// `server.listen: invalid socket address syntax (from KVSTORE_SERVER__LISTEN)`.
+fn describe(err: &figment::Error) -> String {
+    let kind = one_line(&err.kind.to_string());
+    // figment prefixes file keys with the profile; kvstore has no profiles.
+    let path: Vec<&str> = match err.path.split_first() {
+        Some((first, rest)) if first == "default" => rest.iter().map(String::as_str).collect(),
+        _ => err.path.iter().map(String::as_str).collect(),
+    };
+    let from = err
+        .metadata
+        .as_ref()
+        .map(|md| format!(" ({})", origin(md, &path)))
+        .unwrap_or_default();
+    if path.is_empty() {
+        format!("{kind}{from}")
+    } else {
+        format!("{}: {kind}{from}", path.join("."))
+    }
+}
+
+/// Where a value came from, as an operator would look for it.
+fn origin(md: &Metadata, path: &[&str]) -> String {
+    if let Some(source) = &md.source {
+        return format!("in {source}");
+    }
+    if md.name.contains(ENV_PREFIX) {
+        return format!(
+            "from environment variable {ENV_PREFIX}{}",
+            path.join("__").to_ascii_uppercase()
+        );
+    }
+    format!(
+        "from {} {}",
+        md.name,
+        md.interpolate(&Profile::Default, path)
+    )
+}
+
+/// Loads the settings from every layer, reading the process environment.
+pub fn load(flags: &Flags) -> Result<Loaded, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+
+    let path = flags
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("KVSTORE_CONFIG").map(PathBuf::from));
+    if let Some(path) = path {
+        // figment treats a missing file as empty; a file the operator named must exist.
+        std::fs::read_to_string(&path).map_err(|err| {
+            ConfigError(format!("cannot read config file {}: {err}", path.display()))
+        })?;
+        figment = figment.merge(Toml::file_exact(path));
+    }
+
+    let keys = setting_keys();
+    let env_keys = keys.clone();
+    figment = figment.merge(
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .filter(move |key| env_keys.contains(&env_key(key.as_str()))),
+    );
+    figment = merge_legacy_ports(figment)?;
+    figment = figment.merge(flag_layer(flags));
+
+    let settings: Settings = figment.extract()?;
+    validate(&settings, &figment)?;
+    Ok(Loaded {
+        settings,
+        ignored_env: ignored_env(&keys),
+    })
+}
+
+/// `GRPC_PORT` and `HTTP_PORT`, from the original service: each replaces only the port of
+/// its listener and keeps the host. `HTTP_PORT` turns a disabled health listener back on,
+/// on the main listener's host, since the variable asks for the two-port layout.
+fn merge_legacy_ports(figment: Figment) -> Result<Figment, ConfigError> {
+    let mut layer = Vec::new();
+    for (var, key) in [
+        ("GRPC_PORT", "server.listen"),
+        ("HTTP_PORT", "server.health_listen"),
+    ] {
+        let Some(port) = legacy_port(var)? else {
+            continue;
+        };
+        let listen: SocketAddr = figment.extract_inner("server.listen")?;
+        let current: Option<SocketAddr> = match key {
+            "server.listen" => Some(listen),
+            _ => {
+                figment
+                    .extract_inner::<OptionalAddr>("server.health_listen")?
+                    .0
+            }
+        };
+        let mut addr = current.unwrap_or(listen);
+        addr.set_port(port);
+        layer.push((key, addr.to_string()));
+    }
+    Ok(figment.merge(Named::new(
+        "legacy environment variable",
+        layer,
+        |key| match key {
+            "server.listen" => "GRPC_PORT",
+            _ => "HTTP_PORT",
+        },
+    )))
+}
+
+fn legacy_port(var: &str) -> Result<Option<u16>, ConfigError> {
+    match std::env::var(var) {
+        Ok(value) if value.is_empty() => Ok(None),
+        Ok(value) => value.trim().parse().map(Some).map_err(|_| {
+            ConfigError(format!(
+                "{var} must be a port number from 0 to 65535, got {value:?} (from legacy environment variable {var})"
+            ))
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
+fn flag_layer(flags: &Flags) -> Named {
+    let mut layer = Vec::new();
+    for (key, value) in [
+        ("server.listen", &flags.listen),
+        ("server.health_listen", &flags.health_listen),
+        ("log.level", &flags.log_level),
+        ("log.format", &flags.log_format),
+    ] {
+        if let Some(value) = value {
+            layer.push((key, value.clone()));
+        }
+    }
+    Named::new("command-line flag", layer, |key| match key {
+        "server.listen" => "--listen",
+        "server.health_listen" => "--health-listen",
+        "log.level" => "--log-level",
+        _ => "--log-format",
+    })
+}
+
+fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
+    let at_least_one = [
+        ("server.max_in_flight", settings.server.max_in_flight),
+        ("limits.max_key_bytes", settings.limits.max_key_bytes),
+        ("subscriptions.buffer", settings.subscriptions.buffer),
+        ("subscriptions.max", settings.subscriptions.max),
+    ];
+    for (key, value) in at_least_one {
+        if value == 0 {
+            return Err(invalid(figment, key, "must be at least 1, got 0"));
+        }
+    }
+    if settings.server.health_listen == Some(settings.server.listen)
+        && settings.server.listen.port() != 0
+    {
+        return Err(invalid(
+            figment,
+            "server.health_listen",
+            &format!(
+                "must differ from server.listen ({}); set it to \"\" to serve everything on one port",
+                settings.server.listen
+            ),
+        ));
+    }
+    if let Err(err) = crate::telemetry::filter_directives(&settings.log.level) {
+        return Err(invalid(figment, "log.level", &err));
+    }
+    Ok(())
+}
+
+fn invalid(figment: &Figment, key: &str, problem: &str) -> ConfigError {
+    let path: Vec<&str> = key.split('.').collect();
+    let from = figment
+        .find_metadata(key)
+        .map(|md| format!(" ({})", origin(md, &path)))
+        .unwrap_or_default();
+    ConfigError(format!("{key} {problem}{from}"))
+}
+
+/// Every setting's dotted key (`server.listen`, ...), from the defaults so it cannot drift.
+fn setting_keys() -> BTreeSet<String> {
+    fn walk(prefix: &str, table: &toml::Table, keys: &mut BTreeSet<String>) {
+        for (name, value) in table {
+            let key = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            match value {
+                toml::Value::Table(inner) => walk(&key, inner, keys),
+                _ => {
+                    keys.insert(key);
+                }
+            }
+        }
+    }
+    let defaults = toml::Table::try_from(Settings::default())
+        .expect("settings are plain tables of strings and numbers");
+    let mut keys = BTreeSet::new();
+    walk("", &defaults, &mut keys);
+    keys
+}
+
+fn ignored_env(keys: &BTreeSet<String>) -> Vec<String> {
+    let mut ignored: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with(ENV_PREFIX) && !ENV_NOT_SETTINGS.contains(&name.as_str()))
+        .filter(|name| !keys.contains(&env_key(name)))
+        .collect();
+    ignored.sort();
+    ignored
+}
+
+/// The setting an environment variable names: `KVSTORE_SERVER__LISTEN` -> `server.listen`.
+/// Accepts the name with or without the prefix, as figment's filters see either.
+fn env_key(name: &str) -> String {
+    let name = name.to_ascii_lowercase();
+    let prefix = ENV_PREFIX.to_ascii_lowercase();
+    name.strip_prefix(&prefix)
+        .unwrap_or(&name)
+        .replace("__", ".")
+}
+
+/// Some library errors (TOML's) span several lines with a source excerpt; keep the first
+/// line, which says where, and the last, which says what.
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [only] => (*only).to_owned(),
+        [first, .., last] => format!("{first}: {last}"),
+    }
+}
+
+/// A provider of `dotted.key -> value` pairs with its own name in error messages, and each
+/// key shown as the flag or variable it came from.
+struct Named {
+    name: &'static str,
+    layer: Dict,
+    origin: fn(&str) -> &'static str,
+}
+
+impl Named {
+    fn new(
+        name: &'static str,
+        pairs: Vec<(&str, String)>,
+        origin: fn(&str) -> &'static str,
+    ) -> Self {
+        let mut layer = Dict::new();
+        for (key, value) in pairs {
+            nest(&mut layer, key, value.into());
+        }
+        Self {
+            name,
+            layer,
+            origin,
+        }
+    }
+}
+
+fn nest(dict: &mut Dict, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => {
+            dict.insert(key.to_owned(), value);
+        }
+        Some((table, rest)) => {
+            let entry = dict
+                .entry(table.to_owned())
+                .or_insert_with(|| Dict::new().into());
+            if let Value::Dict(_, inner) = entry {
+                nest(inner, rest, value);
+            }
+        }
+    }
+}
+
+impl Provider for Named {
+    fn metadata(&self) -> Metadata {
+        let origin = self.origin;
+        Metadata::named(self.name)
+            .interpolater(move |_: &Profile, keys: &[&str]| origin(&keys.join(".")).to_owned())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.layer.clone()))
+    }
+}
+
+/// An address or an empty string, which means "off".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OptionalAddr(Option<SocketAddr>);
+
+impl FromStr for OptionalAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" => Ok(Self(None)),
+            addr => addr.parse().map(|a| Self(Some(a))),
+        }
+    }
+}
+
+impl fmt::Display for OptionalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OptionalAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(|_| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(&s),
+                &"an address such as \"0.0.0.0:8080\", or \"\" to turn it off",
+            )
+        })
+    }
+}
+
+mod optional_addr {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&OptionalAddr(*addr))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        OptionalAddr::deserialize(d).map(|a| a.0)
+    }
+}
+
+// figment::Jail's closures return figment::Error, which is large; that is its API.
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &Jail, flags: Flags) -> Result<Loaded, ConfigError> {
+        let _ = jail;
+        load(&flags)
+    }
+
+    fn error_in(jail: &Jail, flags: Flags) -> String {
+        load_in(jail, flags).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_documented_config_file_states_exactly_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/kvstore.toml");
+        let documented: Settings = Figment::from(Toml::file_exact(path)).extract().unwrap();
+        assert_eq!(documented, Settings::default());
+    }
+
+    #[test]
+    fn printed_config_parses_back_to_the_same_settings() {
+        let mut settings = Settings::default();
+        settings.server.health_listen = None;
+        settings.shutdown.drain_delay = Duration::from_millis(250);
+        let parsed: Settings = Figment::from(Toml::string(&settings.to_toml()))
+            .extract()
+            .unwrap();
+        assert_eq!(parsed, settings);
+    }
+
+    #[test]
+    fn each_layer_overrides_the_one_before() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "kv.toml",
+                "[server]\nlisten = \"127.0.0.1:1000\"\nhealth_listen = \"127.0.0.1:2000\"\n\
+                 [log]\nlevel = \"debug\"\nformat = \"text\"\n[subscriptions]\nbuffer = 7\n",
+            )?;
+            let file = Flags {
+                config: Some("kv.toml".into()),
+                ..Flags::default()
+            };
+            let s = load_in(jail, file.clone()).unwrap().settings;
+            assert_eq!(s.server.listen, "127.0.0.1:1000".parse().unwrap());
+            assert_eq!(s.subscriptions.buffer, 7);
+            assert_eq!(s.log.format, LogFormat::Text);
+            assert_eq!(s.limits, Settings::default().limits);
+
+            jail.set_env("KVSTORE_SERVER__LISTEN", "127.0.0.1:1001");
+            jail.set_env("KVSTORE_SUBSCRIPTIONS__BUFFER", "8");
+            jail.set_env("KVSTORE_SHUTDOWN__DRAIN_DELAY", "250ms");
+            let s = load_in(jail, file.clone()).unwrap().settings;
+            assert_eq!(s.server.listen, "127.0.0.1:1001".parse().unwrap());
+            assert_eq!(s.subscriptions.buffer, 8);
+            assert_eq!(s.shutdown.drain_delay, Duration::from_millis(250));
+
+            jail.set_env("GRPC_PORT", "1002");
+            jail.set_env("HTTP_PORT", "2002");
+            let s = load_in(jail, file.clone()).unwrap().settings;
+            assert_eq!(s.server.listen, "127.0.0.1:1002".parse().unwrap());
+            assert_eq!(
+                s.server.health_listen,
+                Some("127.0.0.1:2002".parse().unwrap())
+            );
+
+            let flags = Flags {
+                listen: Some("127.0.0.1:1003".into()),
+                health_listen: Some(String::new()),
+                log_level: Some("warn".into()),
+                log_format: Some("json".into()),
+                ..file
+            };
+            let s = load_in(jail, flags).unwrap().settings;
+            assert_eq!(s.server.listen, "127.0.0.1:1003".parse().unwrap());
+            assert_eq!(s.server.health_listen, None);
+            assert_eq!(s.log.level, "warn");
+            assert_eq!(s.log.format, LogFormat::Json);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_config_file_can_be_named_by_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file("other.toml", "[limits]\nmax_key_bytes = 10\n")?;
+            jail.set_env("KVSTORE_CONFIG", "other.toml");
+            let s = load_in(jail, Flags::default()).unwrap().settings;
+            assert_eq!(s.limits.max_key_bytes, 10);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn legacy_ports_keep_the_configured_host() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KVSTORE_SERVER__LISTEN", "[::1]:1");
+            jail.set_env("KVSTORE_SERVER__HEALTH_LISTEN", "");
+            jail.set_env("GRPC_PORT", "50052");
+            let s = load_in(jail, Flags::default()).unwrap().settings;
+            assert_eq!(s.server.listen, "[::1]:50052".parse().unwrap());
+            assert_eq!(s.server.health_listen, None);
+            jail.set_env("HTTP_PORT", "8081");
+            let s = load_in(jail, Flags::default()).unwrap().settings;
+            assert_eq!(s.server.health_listen, Some("[::1]:8081".parse().unwrap()));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn without_a_config_file_the_defaults_apply() {
+        Jail::expect_with(|jail| {
+            // A kvstore.toml in the working directory is not read implicitly.
+            jail.create_file("kvstore.toml", "[limits]\nmax_key_bytes = 10\n")?;
+            let loaded = load_in(jail, Flags::default()).unwrap();
+            assert_eq!(loaded.settings, Settings::default());
+            assert!(loaded.ignored_env.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_ignored_and_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KVSTORE_SERVER__LISTNE", "x");
+            jail.set_env("KVSTORE_ENDPOINT", "localhost:1");
+            jail.set_env("KVSTORE_SERVER", "x");
+            let loaded = load_in(jail, Flags::default()).unwrap();
+            assert_eq!(loaded.settings, Settings::default());
+            assert_eq!(
+                loaded.ignored_env,
+                ["KVSTORE_SERVER", "KVSTORE_SERVER__LISTNE"]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn each_bad_input_is_one_line_naming_the_key_and_its_source() {
+        Jail::expect_with(|jail| {
+            let with_file = |body: &str| -> Result<String, figment::Error> {
+                jail.create_file("bad.toml", body)?;
+                Ok(error_in(
+                    jail,
+                    Flags {
+                        config: Some("bad.toml".into()),
+                        ..Flags::default()
+                    },
+                ))
+            };
+            let cases = [
+                (
+                    with_file("[server]\nlisten = \"nope\"\n")?,
+                    "server.listen",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nlisten = \"0.0.0.0:70000\"\n")?,
+                    "server.listen",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nlistne = \"x\"\n")?,
+                    "listne",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[limits]\nmax_key_bytes = \"big\"\n")?,
+                    "limits.max_key_bytes",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[shutdown]\ndrain_timeout = \"10 parsecs\"\n")?,
+                    "shutdown.drain_timeout",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[subscriptions]\nbuffer = 0\n")?,
+                    "subscriptions.buffer",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[log]\nformat = \"xml\"\n")?,
+                    "log.format",
+                    "bad.toml",
+                ),
+                (with_file("[server\n")?, "line 1", "bad.toml"),
+                (
+                    error_in(
+                        jail,
+                        Flags {
+                            config: Some("missing.toml".into()),
+                            ..Flags::default()
+                        },
+                    ),
+                    "cannot read config file missing.toml",
+                    "",
+                ),
+                (
+                    error_in(
+                        jail,
+                        Flags {
+                            listen: Some("localhost".into()),
+                            ..Flags::default()
+                        },
+                    ),
+                    "--listen",
+                    "command-line flag",
+                ),
+                (
+                    error_in(
+                        jail,
+                        Flags {
+                            log_level: Some("kvstore=loud".into()),
+                            ..Flags::default()
+                        },
+                    ),
+                    "log.level",
+                    "command-line flag",
+                ),
+            ];
+            for (message, key, source) in cases {
+                assert!(message.starts_with("configuration error: "), "{message}");
+                assert!(!message.contains('\n'), "{message}");
+                assert!(message.contains(key), "{message:?} names {key}");
+                assert!(message.contains(source), "{message:?} names {source}");
+            }
+
+            jail.set_env("KVSTORE_LIMITS__MAX_VALUE_BYTES", "-1");
+            let message = error_in(jail, Flags::default());
+            assert!(
+                message.contains("LIMITS.MAX_VALUE_BYTES")
+                    || message.contains("limits.max_value_bytes"),
+                "{message}"
+            );
+            assert!(message.contains("KVSTORE_"), "{message}");
+
+            jail.set_env("KVSTORE_LIMITS__MAX_VALUE_BYTES", "1");
+            jail.set_env("GRPC_PORT", "65536");
+            let message = error_in(jail, Flags::default());
+            assert!(message.contains("GRPC_PORT"), "{message}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,49 @@
+//! The HTTP routes, served on the main listener beside gRPC and alone on the legacy health
+//! listener: `/health/live`, `/health/ready`, and a fallback that answers 404 in JSON, or
+//! `UNIMPLEMENTED` to a gRPC call for an unknown service.
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// The HTTP routes. `/health/ready` answers 503 once `draining` is cancelled.
+pub fn router(draining: CancellationToken) -> Router {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(draining)
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "alive" }))
+}
+
+async fn ready(State(draining): State<CancellationToken>) -> Response {
+    if draining.is_cancelled() {
+        let body = json!({ "status": "draining" });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    } else {
+        Json(json!({ "status": "ready" })).into_response()
+    }
+}
+
+/// Answers every path no route claims. One fallback serves both protocols because tonic's
+/// would answer plain HTTP with a gRPC reply, and axum allows only one per merged router.
+pub async fn fallback(request: Request) -> Response {
+    let is_grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let path = request.uri().path();
+    if is_grpc {
+        let status = tonic::Status::unimplemented(format!("unknown service or method {path}"));
+        return status.into_http::<axum::body::Body>().into_response();
+    }
+    let body = json!({ "error": format!("no route for {} {path}", request.method()) });
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}

@@ -1,0 +1,32 @@
+//! kvstore: a key-value store with prefix change streams, serving gRPC and HTTP on one port.
+//!
+//! # Layout
+//!
+//! - [`store`]: the concurrent map; every write is published to the matching subscribers.
+//! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
+//! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
+//! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
+//! - [`middleware`]: the in-flight limit and the deadline of unary gRPC calls.
+//! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains.
+//! - [`shutdown`]: the process signals that begin a graceful shutdown.
+//! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
+
+pub mod config;
+pub mod grpc;
+pub mod http;
+pub mod middleware;
+pub mod pubsub;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+/// The generated protobuf types, client and server of `proto/kvstore.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("kvstore");
+
+    /// The encoded descriptor set of `kvstore.proto`, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("kvstore_descriptor");
+}

@@ -1,0 +1,98 @@
+//! The guard in front of the KV service: a global in-flight limit that sheds load instead of
+//! queueing, and a deadline on unary calls. Both answer with real gRPC statuses; tower's
+//! own layers would answer with bare HTTP codes that clients misread as `UNAVAILABLE`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+use tonic::Status;
+
+/// Shared by every request to the guarded routes.
+#[derive(Clone)]
+pub struct Guard {
+    permits: Arc<Semaphore>,
+    max_in_flight: usize,
+    timeout: Duration,
+}
+
+impl Guard {
+    /// At most `max_in_flight` calls at once, each answered within `timeout` (or the
+    /// client's shorter `grpc-timeout`).
+    pub fn new(max_in_flight: usize, timeout: Duration) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            timeout,
+        }
+    }
+}
+
+/// The middleware function, for `axum::middleware::from_fn_with_state(guard, guard_grpc)`.
+///
+/// The permit and the deadline cover the call until its response headers. A unary call
+/// answers with its headers, so it is covered whole; a Subscribe stream answers as soon as
+/// it is registered, so a long-lived stream holds no permit and is never cut.
+pub async fn guard_grpc(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = guard.permits.clone().try_acquire_owned() else {
+        return grpc_error(Status::resource_exhausted(format!(
+            "server is busy: {} requests in flight (server.max_in_flight); retry with backoff",
+            guard.max_in_flight
+        )));
+    };
+    let timeout = client_timeout(&request).map_or(guard.timeout, |t| t.min(guard.timeout));
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => grpc_error(Status::deadline_exceeded(format!(
+            "request took longer than {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+fn grpc_error(status: Status) -> Response {
+    status.into_http::<axum::body::Body>().into_response()
+}
+
+/// The client's deadline from the `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
+fn client_timeout(request: &Request) -> Option<Duration> {
+    let value = request.headers().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(value)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeout_headers_parse_per_the_spec() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("10n"), Some(Duration::from_nanos(10)));
+        for bad in ["", "S", "5", "5s", "-5S", "1234567890S", "5 S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+}

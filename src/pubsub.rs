@@ -1,0 +1,407 @@
+//! Change events and the subscriber registry. Subscribers are indexed by prefix so a write
+//! looks up only the prefixes of its own key; each subscriber has a bounded queue that a
+//! writer never waits on. The store decides *when* to publish; this module decides *to whom*.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use tokio::sync::mpsc;
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The key was set to a value.
+    Set,
+    /// The key was removed.
+    Delete,
+}
+
+/// One applied change, shared by every subscriber that receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The key that changed.
+    pub key: String,
+    /// The new value; empty for [`ChangeKind::Delete`].
+    pub value: String,
+    /// When the change was applied, in Unix milliseconds.
+    pub timestamp_ms: i64,
+}
+
+/// The subscription limit was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the server is at its limit of {max} open subscriptions (subscriptions.max)")]
+pub struct TooManySubscriptions {
+    /// The configured limit.
+    pub max: usize,
+}
+
+/// A subscriber fell behind: its queue was full when a change arrived, so its stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "subscriber fell behind by {behind} changes (its buffer holds {buffer}, subscriptions.buffer); \
+     re-read the keys you need and subscribe again"
+)]
+pub struct Lagged {
+    /// Changes that were published to this subscriber but never delivered: those still queued
+    /// plus those that found the queue full.
+    pub behind: u64,
+    /// The queue capacity.
+    pub buffer: usize,
+}
+
+/// The registry of live subscribers, shared by the store and every [`Subscription`].
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    registry: Mutex<Registry>,
+    /// Mirrors the registry's size so writers skip the lock when nobody listens.
+    active: AtomicUsize,
+    buffer: usize,
+    max: usize,
+}
+
+#[derive(Default)]
+struct Registry {
+    by_prefix: HashMap<String, Vec<Subscriber>>,
+    /// How many distinct prefixes of each byte length exist. A write checks only these
+    /// lengths, so matching costs one hash lookup per distinct length, not one per subscriber.
+    lengths: BTreeMap<usize, usize>,
+    next_id: u64,
+    count: usize,
+}
+
+struct Subscriber {
+    id: u64,
+    tx: mpsc::Sender<Arc<Change>>,
+    missed: Arc<AtomicU64>,
+}
+
+impl Hub {
+    /// A hub whose subscribers each queue up to `buffer` changes, with at most `max` open at once.
+    pub fn new(buffer: usize, max: usize) -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                registry: Mutex::default(),
+                active: AtomicUsize::new(0),
+                buffer: buffer.max(1),
+                max,
+            }),
+        }
+    }
+
+    /// Registers a subscriber for every key that starts with `prefix` ("" matches all keys).
+    /// It receives every change published after this returns.
+    pub fn subscribe(&self, prefix: String) -> Result<Subscription, TooManySubscriptions> {
+        let (tx, rx) = mpsc::channel(self.inner.buffer);
+        let missed = Arc::new(AtomicU64::new(0));
+        let mut registry = self.lock();
+        if registry.count >= self.inner.max {
+            return Err(TooManySubscriptions {
+                max: self.inner.max,
+            });
+        }
+        let id = registry.next_id;
+        registry.next_id += 1;
+        registry.count += 1;
+        self.inner.active.store(registry.count, Ordering::Release);
+        let subscribers = registry.by_prefix.entry(prefix.clone()).or_default();
+        let new_prefix = subscribers.is_empty();
+        subscribers.push(Subscriber {
+            id,
+            tx,
+            missed: missed.clone(),
+        });
+        if new_prefix {
+            *registry.lengths.entry(prefix.len()).or_default() += 1;
+        }
+        Ok(Subscription {
+            rx,
+            missed,
+            hub: self.clone(),
+            id,
+            prefix,
+            ended: false,
+        })
+    }
+
+    /// The number of open subscriptions.
+    pub fn len(&self) -> usize {
+        self.inner.active.load(Ordering::Acquire)
+    }
+
+    /// Whether no subscription is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues a change for every subscriber whose prefix matches `key`, building it with
+    /// `change` only if one does. Never waits: a subscriber whose queue is full is marked
+    /// lagged and receives nothing more, so its stream ends instead of skipping a change.
+    ///
+    /// The caller holds the key's write lock, which makes per-key event order equal write order.
+    pub fn publish(&self, key: &str, change: impl FnOnce() -> Change) {
+        if self.is_empty() {
+            return;
+        }
+        let registry = self.lock();
+        let mut change = LazyChange::new(change);
+        for &len in registry.lengths.keys() {
+            if len > key.len() {
+                break;
+            }
+            if !key.is_char_boundary(len) {
+                continue;
+            }
+            let Some(subscribers) = registry.by_prefix.get(&key[..len]) else {
+                continue;
+            };
+            for subscriber in subscribers {
+                subscriber.offer(&mut change);
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // A panic while holding this lock leaves the registry consistent (every update is a
+        // single push or remove), so a poisoned lock is still safe to use.
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn unsubscribe(&self, prefix: &str, id: u64) {
+        let mut registry = self.lock();
+        let Some(subscribers) = registry.by_prefix.get_mut(prefix) else {
+            return;
+        };
+        subscribers.retain(|s| s.id != id);
+        if subscribers.is_empty() {
+            registry.by_prefix.remove(prefix);
+            if let Some(n) = registry.lengths.get_mut(&prefix.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    registry.lengths.remove(&prefix.len());
+                }
+            }
+        }
+        registry.count -= 1;
+        self.inner.active.store(registry.count, Ordering::Release);
+    }
+}
+
+impl Subscriber {
+    fn offer(&self, change: &mut LazyChange<impl FnOnce() -> Change>) {
+        if self.missed.load(Ordering::Relaxed) > 0 {
+            self.missed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.tx.try_send(change.get()) {
+            Ok(()) => {}
+            // Lag policy: a change feed must not skip silently. Stop delivering; the
+            // subscription sees `missed > 0` and ends its stream with how far behind it was.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.missed.fetch_add(1, Ordering::Release);
+            }
+            // The receiver is gone; its Drop is unregistering it.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// Builds the shared change on first use, so a write that matches nobody allocates nothing.
+struct LazyChange<F> {
+    make: Option<F>,
+    built: Option<Arc<Change>>,
+}
+
+impl<F: FnOnce() -> Change> LazyChange<F> {
+    fn new(make: F) -> Self {
+        Self {
+            make: Some(make),
+            built: None,
+        }
+    }
+
+    fn get(&mut self) -> Arc<Change> {
+        if let Some(make) = self.make.take() {
+            self.built = Some(Arc::new(make()));
+        }
+        self.built
+            .clone()
+            .expect("built on the first call, before `make` is taken")
+    }
+}
+
+/// A live subscription: a stream of the changes to keys under its prefix.
+///
+/// It yields changes in publish order, then, if it fell behind, one [`Lagged`] error and
+/// nothing more. Dropping it unregisters it at once.
+pub struct Subscription {
+    rx: mpsc::Receiver<Arc<Change>>,
+    missed: Arc<AtomicU64>,
+    hub: Hub,
+    id: u64,
+    prefix: String,
+    ended: bool,
+}
+
+impl Subscription {
+    /// The prefix this subscription matches.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Waits for the next change. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Result<Arc<Change>, Lagged>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Arc<Change>, Lagged>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let missed = self.missed.load(Ordering::Acquire);
+        if missed > 0 {
+            // Ends the stream at once: what was delivered is a gap-free prefix of the changes,
+            // and the queued rest is worthless to a client that must resync anyway.
+            self.ended = true;
+            self.rx.close();
+            let behind = missed + self.rx.len() as u64;
+            return Poll::Ready(Some(Err(Lagged {
+                behind,
+                buffer: self.hub.inner.buffer,
+            })));
+        }
+        self.rx.poll_recv(cx).map(|next| next.map(Ok))
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Arc<Change>, Lagged>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(&self.prefix, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str) -> Change {
+        Change {
+            kind: ChangeKind::Set,
+            key: key.into(),
+            value: "v".into(),
+            timestamp_ms: 0,
+        }
+    }
+
+    fn publish(hub: &Hub, key: &str) {
+        hub.publish(key, || change(key));
+    }
+
+    fn pending(sub: &mut Subscription) -> Vec<String> {
+        let mut keys = Vec::new();
+        while let Ok(c) = sub.rx.try_recv() {
+            keys.push(c.key.clone());
+        }
+        keys
+    }
+
+    #[test]
+    fn a_prefix_matches_keys_that_start_with_it() {
+        let hub = Hub::new(16, 16);
+        let mut user = hub.subscribe("user:".into()).unwrap();
+        let mut all = hub.subscribe(String::new()).unwrap();
+        let mut exact = hub.subscribe("user:1".into()).unwrap();
+        for key in ["user:1", "users", "user:", "use", "user:10", "other"] {
+            publish(&hub, key);
+        }
+        assert_eq!(pending(&mut user), ["user:1", "user:", "user:10"]);
+        assert_eq!(
+            pending(&mut all),
+            ["user:1", "users", "user:", "use", "user:10", "other"]
+        );
+        assert_eq!(pending(&mut exact), ["user:1", "user:10"]);
+    }
+
+    #[test]
+    fn matching_respects_utf8_boundaries() {
+        let hub = Hub::new(16, 16);
+        let mut sub = hub.subscribe("é".into()).unwrap();
+        publish(&hub, "éa");
+        publish(&hub, "e");
+        publish(&hub, "ü");
+        assert_eq!(pending(&mut sub), ["éa"]);
+    }
+
+    #[test]
+    fn a_write_that_matches_nobody_builds_no_change() {
+        let hub = Hub::new(16, 16);
+        let _sub = hub.subscribe("a".into()).unwrap();
+        hub.publish("b", || panic!("no subscriber matches `b`"));
+    }
+
+    #[test]
+    fn dropping_a_subscription_unregisters_it() {
+        let hub = Hub::new(16, 16);
+        let a = hub.subscribe("p".into()).unwrap();
+        let b = hub.subscribe("p".into()).unwrap();
+        assert_eq!(hub.len(), 2);
+        drop(a);
+        assert_eq!(hub.len(), 1);
+        drop(b);
+        assert!(hub.is_empty());
+        let registry = hub.lock();
+        assert!(registry.by_prefix.is_empty());
+        assert!(registry.lengths.is_empty());
+    }
+
+    #[test]
+    fn the_subscription_limit_is_enforced_and_freed_on_drop() {
+        let hub = Hub::new(16, 2);
+        let a = hub.subscribe("x".into()).unwrap();
+        let _b = hub.subscribe("y".into()).unwrap();
+        assert_eq!(
+            hub.subscribe("z".into()).err(),
+            Some(TooManySubscriptions { max: 2 })
+        );
+        drop(a);
+        assert!(hub.subscribe("z".into()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_ends_the_subscription_with_how_far_behind_it_is() {
+        let hub = Hub::new(2, 16);
+        let mut sub = hub.subscribe(String::new()).unwrap();
+        for i in 0..5 {
+            publish(&hub, &format!("k{i}"));
+        }
+        // Two queued and three that found the queue full.
+        assert_eq!(
+            sub.recv().await,
+            Some(Err(Lagged {
+                behind: 5,
+                buffer: 2
+            }))
+        );
+        assert_eq!(sub.recv().await, None);
+    }
+}

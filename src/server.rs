@@ -1,0 +1,288 @@
+//! The listeners: binds them, builds the one router that serves gRPC and HTTP on the main
+//! port (HTTP/1.1 and h2c), serves the HTTP routes alone on the legacy health port, and
+//! runs until shutdown, then drains within the deadline.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tower_http::LatencyUnit;
+use tower_http::trace::{
+    DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer,
+};
+use tracing::{Level, debug, info, warn};
+
+use crate::config::Settings;
+use crate::grpc::KvService;
+use crate::http;
+use crate::middleware::{Guard, guard_grpc};
+use crate::pb;
+use crate::pb::key_value_store_server::KeyValueStoreServer;
+use crate::store::Store;
+
+/// A server whose listeners are bound (so their addresses are known, even for port 0) but
+/// which serves nothing until [`Server::run`].
+pub struct Server {
+    settings: Settings,
+    store: Store,
+    main: TcpListener,
+    health: Option<TcpListener>,
+}
+
+/// Binds the main listener and, unless it is turned off, the legacy health listener.
+pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
+    let main = TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+    let health = match settings.server.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding server.health_listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let store = Store::new(settings.subscriptions.buffer, settings.subscriptions.max);
+    Ok(Server {
+        settings,
+        store,
+        main,
+        health,
+    })
+}
+
+impl Server {
+    /// The main listener's address (gRPC and HTTP).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.main
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The legacy health listener's address, if it is on.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health
+            .as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"))
+    }
+
+    /// The store this server serves.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully:
+    ///
+    /// 1. `/health/ready` answers 503 and gRPC health says `NOT_SERVING`;
+    /// 2. for `shutdown.drain_delay` everything keeps serving, so load balancers can react;
+    /// 3. the listeners stop accepting, open Subscribe streams end with `UNAVAILABLE`, and
+    ///    in-flight calls finish;
+    /// 4. connections still open after `shutdown.drain_timeout` are closed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server {
+            settings,
+            store,
+            main,
+            health,
+        } = self;
+        let draining = CancellationToken::new();
+        let stop = CancellationToken::new();
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<KeyValueStoreServer<KvService>>()
+            .await;
+        let app = main_router(&settings, store, &draining, &stop, health_service)?;
+        let drain = settings.shutdown.drain_timeout;
+
+        info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", "listening");
+        let health_task = match health {
+            Some(listener) => {
+                info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", "listening");
+                let routes = http_router(&draining);
+                Some(serve("health", listener, routes, stop.clone(), drain))
+            }
+            None => None,
+        };
+        let servers = async {
+            let health = async {
+                if let Some(task) = health_task {
+                    task.await;
+                }
+            };
+            tokio::join!(serve("main", main, app, stop.clone(), drain), health);
+        };
+        tokio::pin!(servers);
+
+        tokio::select! {
+            () = shutdown => {}
+            () = &mut servers => return Ok(()),
+        }
+        info!("shutdown: reporting not ready");
+        draining.cancel();
+        reporter
+            .set_not_serving::<KeyValueStoreServer<KvService>>()
+            .await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+
+        let delay = settings.shutdown.drain_delay;
+        if !delay.is_zero() {
+            info!(delay = %humantime::format_duration(delay), "shutdown: still serving while load balancers react");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = &mut servers => return Ok(()),
+            }
+        }
+        info!("shutdown: closing listeners and ending subscriptions");
+        stop.cancel();
+        servers.await;
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// gRPC (the KV service, health, reflection v1 and v1alpha) and the HTTP routes on one
+/// router. Each part gets its own trace layer; only the KV service is guarded, so health
+/// checks and reflection answer while KV calls are shed.
+fn main_router(
+    settings: &Settings,
+    store: Store,
+    draining: &CancellationToken,
+    stop: &CancellationToken,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<Router> {
+    let kv = KvService::new(store, settings.limits, stop.clone()).into_server();
+    let guard = Guard::new(
+        settings.server.max_in_flight,
+        settings.server.request_timeout,
+    );
+    let kv = Routes::new(kv)
+        .into_axum_router()
+        .reset_fallback()
+        .layer(axum::middleware::from_fn_with_state(guard, guard_grpc));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let support = Routes::new(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .into_axum_router()
+        .reset_fallback();
+
+    let grpc_trace = TraceLayer::new_for_grpc()
+        .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+        .on_response(
+            DefaultOnResponse::new()
+                .level(Level::DEBUG)
+                .latency_unit(LatencyUnit::Micros),
+        )
+        .on_eos(DefaultOnEos::new().level(Level::DEBUG))
+        .on_failure(DefaultOnFailure::new().level(Level::WARN));
+    let grpc = kv.merge(support).layer(grpc_trace);
+    Ok(http_router(draining).merge(grpc).fallback(http::fallback))
+}
+
+fn http_router(draining: &CancellationToken) -> Router {
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+        .on_response(
+            DefaultOnResponse::new()
+                .level(Level::DEBUG)
+                .latency_unit(LatencyUnit::Micros),
+        );
+    http::router(draining.clone())
+        .layer(trace)
+        .fallback(http::fallback)
+}
+
+/// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
+/// the rest. Each connection is its own task, so one slow peer never holds up another.
+async fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    app: Router,
+    stop: CancellationToken,
+    drain: Duration,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve_connection(stream, peer, app.clone(), stop.clone()));
+                }
+                Err(err) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    warn!(listener = name, error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    if connections.is_empty() {
+        return;
+    }
+    info!(
+        listener = name,
+        connections = connections.len(),
+        "shutdown: waiting for open connections"
+    );
+    let drained = tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            listener = name,
+            connections = connections.len(),
+            drain_timeout = %humantime::format_duration(drain),
+            "shutdown: drain deadline passed, closing the remaining connections"
+        );
+        connections.shutdown().await;
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    stop: CancellationToken,
+) {
+    // Small HTTP/2 frames must not wait for delayed ACKs (tonic does the same).
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(%peer, error = %err, "setting TCP_NODELAY failed");
+    }
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection =
+        builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app));
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        debug!(%peer, error = %err, "connection closed with an error");
+    }
+}

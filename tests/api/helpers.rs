@@ -1,0 +1,200 @@
+//! Starting and stopping a real server for a test, and the clients that talk to it.
+
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kvstore::config::{LogSettings, Settings};
+use kvstore::pb::key_value_store_client::KeyValueStoreClient;
+use kvstore::store::Store;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+
+/// How long any one wait in a test may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let settings = LogSettings {
+            level: "debug".into(),
+            format: kvstore::config::LogFormat::Text,
+        };
+        kvstore::telemetry::init(&settings).expect("the first and only subscriber");
+    }
+});
+
+/// A server running in this process on loopback ports chosen by the OS.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub health_addr: Option<SocketAddr>,
+    pub store: Store,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Settings for tests: both listeners on 127.0.0.1:0 and a short drain.
+pub fn test_settings() -> Settings {
+    let mut settings = Settings::default();
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    settings.server.health_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.shutdown.drain_timeout = Duration::from_secs(5);
+    settings
+}
+
+pub async fn spawn_server() -> TestServer {
+    spawn_with(test_settings()).await
+}
+
+/// Binds with the same `bind`/`run` as the binary; the listeners accept before this returns.
+pub async fn spawn_with(settings: Settings) -> TestServer {
+    LazyLock::force(&TRACING);
+    let server = kvstore::server::bind(settings)
+        .await
+        .expect("binding on 127.0.0.1:0");
+    let grpc_addr = server.listen_addr();
+    let health_addr = server.health_addr();
+    let store = server.store().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        grpc_addr,
+        health_addr,
+        store,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl TestServer {
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// The legacy health listener's base URL.
+    pub fn health_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.health_addr.expect("the health listener is on")
+        )
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connecting to the test server")
+    }
+
+    pub async fn client(&self) -> KeyValueStoreClient<Channel> {
+        KeyValueStoreClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn health_client(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel().await)
+    }
+
+    /// Sends the shutdown signal; the server starts draining.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for `run` to return, failing the test if it takes longer than [`PATIENCE`].
+    /// Returns how long that took.
+    pub async fn stopped(self) -> Duration {
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the server stops within the drain deadline")
+            .expect("the server task does not panic")
+            .expect("run ends with Ok");
+        started.elapsed()
+    }
+
+    /// Graceful shutdown, as on SIGTERM, awaited.
+    pub async fn shutdown(mut self) -> Duration {
+        self.begin_shutdown();
+        self.stopped().await
+    }
+
+    /// Waits until the store has `n` open subscriptions. Subscriptions are released by the
+    /// server's tasks, so this polls, bounded by [`PATIENCE`].
+    pub async fn wait_for_subscriptions(&self, n: usize) {
+        let store = self.store.clone();
+        tokio::time::timeout(PATIENCE, async move {
+            while store.subscriptions() != n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("expected {n} open subscriptions"));
+    }
+}
+
+/// A plain HTTP GET over HTTP/1.1 or HTTP/2 (prior knowledge): status and body.
+pub async fn http_get(url: &str, http2: bool) -> (http::StatusCode, String) {
+    http_request(http::Method::GET, url, http2).await
+}
+
+pub async fn http_request(
+    method: http::Method,
+    url: &str,
+    http2: bool,
+) -> (http::StatusCode, String) {
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build_http::<Empty<Bytes>>();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Empty::new())
+        .unwrap();
+    let response = tokio::time::timeout(PATIENCE, client.request(request))
+        .await
+        .expect("an HTTP answer in time")
+        .expect("an HTTP answer");
+    let status = response.status();
+    let expected = if http2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    assert_eq!(response.version(), expected);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// Whether tests that need an outside tool must fail (CI) rather than skip when it is absent.
+pub fn tools_required() -> bool {
+    std::env::var("KVSTORE_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// Finds `tool` on PATH, or says loudly that the test is skipped (failing under
+/// `KVSTORE_REQUIRE_TOOLS=1`).
+pub fn require_tool(tool: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !tools_required(),
+            "{tool} is not installed and KVSTORE_REQUIRE_TOOLS=1"
+        );
+        eprintln!("SKIPPED: {tool} is not installed; install it to run this test");
+    }
+    found
+}

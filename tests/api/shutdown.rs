@@ -1,0 +1,143 @@
+//! Graceful shutdown: readiness goes first, streams end with UNAVAILABLE, and the drain
+//! deadline bounds what is left.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use kvstore::pb::{SetRequest, SubscribeRequest};
+use tokio::time::timeout;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::helpers::{PATIENCE, http_get, spawn_server, spawn_with, test_settings};
+
+#[tokio::test]
+async fn readiness_and_grpc_health_flip_first_while_requests_are_still_served() {
+    let mut settings = test_settings();
+    // Long enough to observe; the test ends it by checking, then waiting it out.
+    settings.shutdown.drain_delay = Duration::from_secs(1);
+    let mut server = spawn_with(settings).await;
+    let mut client = server.client().await;
+    let mut health = server.health_client().await;
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    server.begin_shutdown();
+    let update = timeout(PATIENCE, watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(update.status(), ServingStatus::NotServing);
+    for base in [server.grpc_url(), server.health_url()] {
+        let (status, body) = http_get(&format!("{base}/health/ready"), false).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body, r#"{"status":"draining"}"#);
+        let (status, _) = http_get(&format!("{base}/health/live"), true).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Still serving during the delay, on the open connection and on a new one.
+    client
+        .set(SetRequest {
+            key: "k".into(),
+            value: "v".into(),
+        })
+        .await
+        .unwrap();
+    let mut fresh = server.client().await;
+    fresh
+        .set(SetRequest {
+            key: "k".into(),
+            value: "w".into(),
+        })
+        .await
+        .unwrap();
+    drop(watch);
+    server.stopped().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_subscriptions_with_unavailable() {
+    let mut server = spawn_server().await;
+    let mut client = server.client().await;
+    let mut streams = Vec::new();
+    for pattern in ["", "a", "b"] {
+        let stream = client
+            .subscribe(SubscribeRequest {
+                key_pattern: pattern.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(stream);
+    }
+    server.begin_shutdown();
+    for stream in &mut streams {
+        let status = timeout(PATIENCE, stream.message())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("shutting down"),
+            "{}",
+            status.message()
+        );
+    }
+    let took = server.stopped().await;
+    assert!(
+        took < Duration::from_secs(5),
+        "drained in {took:?}, before the deadline"
+    );
+}
+
+#[tokio::test]
+async fn the_drain_deadline_closes_connections_that_never_finish() {
+    let mut settings = test_settings();
+    settings.shutdown.drain_timeout = Duration::from_millis(300);
+    let server = spawn_with(settings).await;
+    // A health Watch stream never ends by itself, so only the deadline can close it.
+    let mut health = server.health_client().await;
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.next().await.unwrap().unwrap();
+    let took = server.shutdown().await;
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited for the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "but not much longer: {took:?}"
+    );
+    // The stream was cut: the client sees it end rather than hang.
+    let end = timeout(PATIENCE, async {
+        while let Some(Ok(_)) = watch.next().await {}
+    })
+    .await;
+    assert!(end.is_ok());
+}
+
+#[tokio::test]
+async fn after_shutdown_the_ports_are_closed() {
+    let server = spawn_server().await;
+    let addr = server.grpc_addr;
+    server.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
