@@ -82,8 +82,74 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_grpc_timeout;
-    use std::time::Duration;
+    use super::*;
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::post;
+    use std::sync::Arc;
+    use tokio::sync::Notify;
+    use tower::ServiceExt;
+
+    /// A route whose handler waits until `release` is notified.
+    fn guarded(guard: Guard, release: Arc<Notify>) -> Router {
+        Router::new()
+            .route(
+                "/slow",
+                post(move || async move {
+                    release.notified().await;
+                    "done"
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(guard, guard_grpc))
+    }
+
+    fn grpc_status(response: &Response) -> Option<&str> {
+        response.headers().get("grpc-status")?.to_str().ok()
+    }
+
+    fn request(grpc_timeout: Option<&str>) -> Request {
+        let mut builder = Request::post("/slow");
+        if let Some(t) = grpc_timeout {
+            builder = builder.header("grpc-timeout", t);
+        }
+        builder.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_in_flight_limit_are_shed_at_once() {
+        let release = Arc::new(Notify::new());
+        let app = guarded(Guard::new(1, Duration::from_secs(60)), release.clone());
+        let first = tokio::spawn(app.clone().oneshot(request(None)));
+        // Wait until the first call holds the permit: it is parked on `release`.
+        while Arc::strong_count(&release) < 3 && !first.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let shed = app.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(grpc_status(&shed), Some("8"), "RESOURCE_EXHAUSTED");
+        release.notify_one();
+        let done = first.await.unwrap().unwrap();
+        assert_eq!(grpc_status(&done), None);
+        // The permit is back.
+        release.notify_one();
+        let again = app.oneshot(request(None)).await.unwrap();
+        assert_eq!(grpc_status(&again), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_past_its_deadline_gets_deadline_exceeded() {
+        let release = Arc::new(Notify::new());
+        let app = guarded(Guard::new(4, Duration::from_secs(10)), release);
+        let timed_out = app.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(grpc_status(&timed_out), Some("4"), "DEADLINE_EXCEEDED");
+        let started = tokio::time::Instant::now();
+        let shorter = app.oneshot(request(Some("50m"))).await.unwrap();
+        assert_eq!(grpc_status(&shorter), Some("4"));
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(50),
+            "the client's shorter deadline wins"
+        );
+    }
 
     #[test]
     fn grpc_timeout_headers_parse_per_the_spec() {
