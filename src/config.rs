@@ -31,6 +31,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Subscriber buffers and caps.
     pub subscriptions: SubscriptionSettings,
+    /// The retained change history that subscriptions resume from.
+    pub history: HistorySettings,
     /// Graceful shutdown timing.
     pub shutdown: ShutdownSettings,
     /// Logging.
@@ -61,6 +63,8 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// The longest value accepted.
     pub max_value_bytes: usize,
+    /// The most items one List page returns, whatever the request asks.
+    pub max_page: usize,
 }
 
 /// `[subscriptions]`: buffers and caps of change streams.
@@ -71,6 +75,17 @@ pub struct SubscriptionSettings {
     pub buffer: usize,
     /// Subscriptions open at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub max: usize,
+}
+
+/// `[history]`: how many recent changes are kept for resuming subscriptions; the oldest go
+/// first once either bound is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Changes kept; 0 keeps none, so subscriptions can only start from now.
+    pub max_events: usize,
+    /// Approximate bytes of keys and values kept.
+    pub max_bytes: usize,
 }
 
 /// `[shutdown]`: graceful shutdown timing.
@@ -117,10 +132,15 @@ impl Default for Settings {
             limits: Limits {
                 max_key_bytes: 4096,
                 max_value_bytes: 1024 * 1024,
+                max_page: 10_000,
             },
             subscriptions: SubscriptionSettings {
                 buffer: 1024,
                 max: 10_000,
+            },
+            history: HistorySettings {
+                max_events: 100_000,
+                max_bytes: 64 * 1024 * 1024,
             },
             shutdown: ShutdownSettings {
                 drain_delay: Duration::ZERO,
@@ -321,6 +341,7 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
     let at_least_one = [
         ("server.max_in_flight", settings.server.max_in_flight),
         ("limits.max_key_bytes", settings.limits.max_key_bytes),
+        ("limits.max_page", settings.limits.max_page),
         ("subscriptions.buffer", settings.subscriptions.buffer),
         ("subscriptions.max", settings.subscriptions.max),
     ];

@@ -3,22 +3,43 @@
 //! that always ends with a status saying why.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_core::Stream;
+use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::config::Limits;
 use crate::pb::change_event::ChangeType;
 use crate::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
-use crate::pb::{ChangeEvent, GetRequest, GetResponse, SetRequest, SetResponse, SubscribeRequest};
-use crate::pubsub::{Change, ChangeKind, Subscription};
-use crate::store::Store;
+use crate::pb::{
+    ChangeEvent, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, ListRequest,
+    ListResponse, SetRequest, SetResponse, SubscribeRequest,
+};
+use crate::pubsub::{Change, ChangeKind, Event, Subscription};
+use crate::store::{self, SetOptions, Start, Store, SubscribeError};
 
 /// Room for protobuf framing on top of the largest key and value.
 const MESSAGE_OVERHEAD: usize = 1024;
+
+/// The page size of a List that asks for 0.
+const DEFAULT_PAGE: usize = 1000;
+
+/// The longest TTL accepted: ten years, far from `Instant` overflow.
+const MAX_TTL_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// The shortest progress interval: more often would be a stream of heartbeats.
+const MIN_PROGRESS_MS: i64 = 100;
+
+/// Trailer of a FAILED_PRECONDITION: the key's current `mod_revision` (0: absent).
+pub const MOD_REVISION_TRAILER: &str = "kvstore-mod-revision";
+/// Trailer of a Subscribe that ends: the last revision the client received.
+pub const LAST_REVISION_TRAILER: &str = "kvstore-last-revision";
+/// Trailer of an OUT_OF_RANGE Subscribe: the oldest revision that can still be replayed.
+pub const OLDEST_REVISION_TRAILER: &str = "kvstore-oldest-revision";
 
 /// The gRPC face of the [`Store`].
 #[derive(Clone)]
@@ -51,12 +72,11 @@ impl KvService {
         if key.is_empty() {
             return Err(Status::invalid_argument("key must not be empty"));
         }
-        check_size(
-            "key",
-            key,
-            self.limits.max_key_bytes,
-            "limits.max_key_bytes",
-        )
+        self.check_key_size("key", key)
+    }
+
+    fn check_key_size(&self, what: &str, key: &str) -> Result<(), Status> {
+        check_size(what, key, self.limits.max_key_bytes, "limits.max_key_bytes")
     }
 }
 
@@ -70,22 +90,87 @@ fn check_size(what: &str, s: &str, max: usize, setting: &str) -> Result<(), Stat
     Ok(())
 }
 
+/// A revision from the wire: never negative.
+fn revision_arg(what: &str, value: i64) -> Result<u64, Status> {
+    u64::try_from(value)
+        .map_err(|_| Status::invalid_argument(format!("{what} must not be negative, got {value}")))
+}
+
+/// A revision or duration to the wire; revisions never get near `i64::MAX`.
+fn wire(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn ttl_ms(ttl: Option<Duration>) -> i64 {
+    // A key with a TTL reports at least 1 ms while it lives, since 0 means "no TTL".
+    ttl.map_or(0, |t| {
+        wire(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)).max(1)
+    })
+}
+
+fn with_trailer(mut status: Status, name: &'static str, revision: u64) -> Status {
+    let value: MetadataValue<_> = revision
+        .to_string()
+        .parse()
+        .expect("decimal digits are valid metadata");
+    status.metadata_mut().insert(name, value);
+    status
+}
+
+fn conflict_status(conflict: store::Conflict) -> Status {
+    with_trailer(
+        Status::failed_precondition(conflict.to_string()),
+        MOD_REVISION_TRAILER,
+        conflict.actual,
+    )
+}
+
+impl From<store::KeyValue> for KeyValue {
+    fn from(kv: store::KeyValue) -> Self {
+        Self {
+            key: kv.key.to_string(),
+            value: kv.value.to_string(),
+            create_revision: wire(kv.create_revision),
+            mod_revision: wire(kv.mod_revision),
+            version: wire(kv.version),
+            ttl_ms: ttl_ms(kv.ttl),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl KeyValueStore for KvService {
-    /// A missing key answers `found: false` with an empty value, not an error.
+    /// A missing or expired key answers `found: false` with an empty value, not an error.
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let key = request.into_inner().key;
         self.check_key(&key)?;
-        let response = match self.store.get(&key) {
-            Some(value) => GetResponse { value, found: true },
-            None => GetResponse::default(),
+        let (found, revision) = self.store.get(&key);
+        let response = match found {
+            Some(kv) => GetResponse {
+                value: kv.value.to_string(),
+                found: true,
+                create_revision: wire(kv.create_revision),
+                mod_revision: wire(kv.mod_revision),
+                version: wire(kv.version),
+                ttl_ms: ttl_ms(kv.ttl),
+                revision: wire(revision),
+            },
+            None => GetResponse {
+                revision: wire(revision),
+                ..GetResponse::default()
+            },
         };
         Ok(Response::new(response))
     }
 
-    /// Stores the value; nothing is stored when the key or value is refused.
+    /// Stores the value; nothing is stored when the request is refused or its guard fails.
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
-        let SetRequest { key, value } = request.into_inner();
+        let SetRequest {
+            key,
+            value,
+            expected_mod_revision,
+            ttl_ms,
+        } = request.into_inner();
         self.check_key(&key)?;
         check_size(
             "value",
@@ -93,10 +178,78 @@ impl KeyValueStore for KvService {
             self.limits.max_value_bytes,
             "limits.max_value_bytes",
         )?;
-        self.store.set(key, value);
+        let expected_mod_revision = expected_mod_revision
+            .map(|r| revision_arg("expected_mod_revision", r))
+            .transpose()?;
+        let ttl = match ttl_ms {
+            0 => None,
+            1..=MAX_TTL_MS => Some(Duration::from_millis(ttl_ms.unsigned_abs())),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl_ms must be from 0 (no expiry) to {MAX_TTL_MS} (ten years), got {ttl_ms}"
+                )));
+            }
+        };
+        let options = SetOptions {
+            expected_mod_revision,
+            ttl,
+        };
+        let revision = self
+            .store
+            .set(key, value, options)
+            .map_err(conflict_status)?;
         Ok(Response::new(SetResponse {
             success: true,
-            message: "stored".into(),
+            message: format!("stored at revision {revision}"),
+            revision: wire(revision),
+        }))
+    }
+
+    /// Deleting a missing key answers `deleted: false`; a failed guard changes nothing.
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let DeleteRequest {
+            key,
+            expected_mod_revision,
+        } = request.into_inner();
+        self.check_key(&key)?;
+        let expected = expected_mod_revision
+            .map(|r| revision_arg("expected_mod_revision", r))
+            .transpose()?;
+        let deleted = self.store.delete(&key, expected).map_err(conflict_status)?;
+        Ok(Response::new(DeleteResponse {
+            deleted: deleted.prev_mod_revision.is_some(),
+            prev_mod_revision: wire(deleted.prev_mod_revision.unwrap_or(0)),
+            revision: wire(deleted.revision),
+        }))
+    }
+
+    /// One page in key order; `limit` 0 means 1000, capped at `limits.max_page`.
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let ListRequest {
+            prefix,
+            limit,
+            start_after,
+        } = request.into_inner();
+        self.check_key_size("prefix", &prefix)?;
+        self.check_key_size("start_after", &start_after)?;
+        let limit = match usize::try_from(limit).unwrap_or(usize::MAX) {
+            0 => DEFAULT_PAGE,
+            n => n,
+        }
+        .min(self.limits.max_page);
+        let page = self.store.list(&prefix, &start_after, limit);
+        let next_start_after = match (page.more, page.items.last()) {
+            (true, Some(last)) => last.key.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListResponse {
+            items: page.items.into_iter().map(KeyValue::from).collect(),
+            more: page.more,
+            next_start_after,
+            revision: wire(page.revision),
         }))
     }
 
@@ -109,32 +262,80 @@ impl KeyValueStore for KvService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let prefix = request.into_inner().key_pattern;
-        check_size(
-            "key_pattern",
-            &prefix,
-            self.limits.max_key_bytes,
-            "limits.max_key_bytes",
-        )?;
+        let SubscribeRequest {
+            key_pattern,
+            start_revision,
+            initial,
+            progress_interval_ms,
+        } = request.into_inner();
+        self.check_key_size("key_pattern", &key_pattern)?;
+        let start = match (revision_arg("start_revision", start_revision)?, initial) {
+            (0, false) => Start::Now,
+            (0, true) => Start::Snapshot,
+            (from, false) => Start::Revision(from),
+            (_, true) => {
+                return Err(Status::invalid_argument(
+                    "initial and start_revision exclude each other: a snapshot starts from now",
+                ));
+            }
+        };
+        let progress = match progress_interval_ms {
+            0 => None,
+            MIN_PROGRESS_MS.. => Some(Duration::from_millis(progress_interval_ms.unsigned_abs())),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "progress_interval_ms must be 0 (none) or at least {MIN_PROGRESS_MS}, got {progress_interval_ms}"
+                )));
+            }
+        };
         let subscription = self
             .store
-            .subscribe(prefix)
-            .map_err(|err| Status::resource_exhausted(err.to_string()))?;
+            .subscribe(key_pattern, start)
+            .map_err(|err| match err {
+                SubscribeError::TooMany(_) => Status::resource_exhausted(err.to_string()),
+                SubscribeError::Compacted { oldest, .. } => with_trailer(
+                    Status::out_of_range(err.to_string()),
+                    OLDEST_REVISION_TRAILER,
+                    oldest,
+                ),
+            })?;
         Ok(Response::new(ChangeStream {
             subscription,
             shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
+            progress: progress.map(|every| (every, Box::pin(tokio::time::sleep(every)))),
+            last_revision: 0,
             ended: false,
         }))
     }
 }
 
-/// The response stream of one Subscribe: the subscription's changes until the client goes
+/// The response stream of one Subscribe: the subscription's events until the client goes
 /// away (dropping it unsubscribes), the subscriber lags (`RESOURCE_EXHAUSTED`) or the server
-/// shuts down (`UNAVAILABLE`).
+/// shuts down (`UNAVAILABLE`). Both statuses carry the last revision sent, so the client can
+/// resume from the next one.
 pub struct ChangeStream {
     subscription: Subscription,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The idle interval after which a PROGRESS event is sent, and its timer.
+    progress: Option<(Duration, Pin<Box<Sleep>>)>,
+    last_revision: u64,
     ended: bool,
+}
+
+impl ChangeStream {
+    fn end(&mut self, status: Status) -> Poll<Option<Result<ChangeEvent, Status>>> {
+        self.ended = true;
+        let status = with_trailer(status, LAST_REVISION_TRAILER, self.last_revision);
+        Poll::Ready(Some(Err(status)))
+    }
+
+    fn send(&mut self, event: ChangeEvent) -> Poll<Option<Result<ChangeEvent, Status>>> {
+        self.last_revision = self.last_revision.max(event.revision.unsigned_abs());
+        if let Some((every, timer)) = &mut self.progress {
+            timer.as_mut().reset(tokio::time::Instant::now() + *every);
+        }
+        Poll::Ready(Some(Ok(event)))
+    }
 }
 
 impl Stream for ChangeStream {
@@ -146,36 +347,71 @@ impl Stream for ChangeStream {
             return Poll::Ready(None);
         }
         if this.shutdown.as_mut().poll(cx).is_ready() {
-            this.ended = true;
-            return Poll::Ready(Some(Err(Status::unavailable(
+            return this.end(Status::unavailable(
                 "server is shutting down; reconnect to another instance",
-            ))));
+            ));
         }
+        // Read before polling: if the queue then turns out empty, every matching change up
+        // to this revision has been sent, which is what a PROGRESS event promises.
+        let published = this.subscription.published_revision();
         match Pin::new(&mut this.subscription).poll_next(cx) {
-            Poll::Ready(Some(Ok(change))) => Poll::Ready(Some(Ok(to_event(&change)))),
+            Poll::Ready(Some(Ok(event))) => {
+                let event = match event {
+                    Event::Change(change) => to_event(&change, false),
+                    Event::Initial(change) => to_event(&change, true),
+                    Event::SnapshotEnd(revision) => progress_event(revision),
+                };
+                this.send(event)
+            }
             Poll::Ready(Some(Err(lagged))) => {
-                this.ended = true;
-                Poll::Ready(Some(Err(Status::resource_exhausted(lagged.to_string()))))
+                let last = this.last_revision;
+                this.end(Status::resource_exhausted(format!(
+                    "{lagged}; the last revision received was {last}: resume with start_revision {}",
+                    last + 1
+                )))
             }
             Poll::Ready(None) => {
                 this.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let idle = this
+                    .progress
+                    .as_mut()
+                    .is_some_and(|(_, timer)| timer.as_mut().poll(cx).is_ready());
+                if idle {
+                    let revision = published.max(this.last_revision);
+                    return this.send(progress_event(revision));
+                }
+                Poll::Pending
+            }
         }
     }
 }
 
-fn to_event(change: &Arc<Change>) -> ChangeEvent {
+fn to_event(change: &Change, initial: bool) -> ChangeEvent {
     let change_type = match change.kind {
         ChangeKind::Set => ChangeType::Set,
-        ChangeKind::Delete => ChangeType::Delete,
+        ChangeKind::Delete | ChangeKind::Expire => ChangeType::Delete,
     };
     ChangeEvent {
         change_type: change_type.into(),
-        key: change.key.clone(),
-        value: change.value.clone(),
+        key: change.key.to_string(),
+        value: change.value.to_string(),
         timestamp: change.timestamp_ms,
+        revision: wire(change.revision),
+        expired: change.kind == ChangeKind::Expire,
+        initial,
+        create_revision: wire(change.create_revision),
+        version: wire(change.version),
+    }
+}
+
+fn progress_event(revision: u64) -> ChangeEvent {
+    ChangeEvent {
+        change_type: ChangeType::Progress.into(),
+        revision: wire(revision),
+        ..ChangeEvent::default()
     }
 }
 
@@ -188,14 +424,18 @@ mod tests {
         let limits = Limits {
             max_key_bytes: 8,
             max_value_bytes: 16,
+            max_page: 10,
         };
-        KvService::new(Store::new(4, 2), limits, CancellationToken::new())
+        let defaults = crate::config::Settings::default();
+        let store = Store::new(defaults.subscriptions, defaults.history);
+        KvService::new(store, limits, CancellationToken::new())
     }
 
     fn set(key: &str, value: &str) -> Request<SetRequest> {
         Request::new(SetRequest {
             key: key.into(),
             value: value.into(),
+            ..SetRequest::default()
         })
     }
 
@@ -229,12 +469,8 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(
-            got,
-            GetResponse {
-                value: String::new(),
-                found: true
-            }
-        );
+        assert!(got.found);
+        assert_eq!(got.value, "");
+        assert_eq!((got.mod_revision, got.version, got.revision), (2, 1, 2));
     }
 }

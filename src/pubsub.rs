@@ -1,8 +1,9 @@
 //! Change events and the subscriber registry. Subscribers are indexed by prefix so a write
 //! looks up only the prefixes of its own key; each subscriber has a bounded queue that a
-//! writer never waits on. The store decides *when* to publish; this module decides *to whom*.
+//! writer never waits on. The store decides *when* to publish and what to replay first;
+//! this module decides *to whom*.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,21 +17,47 @@ use tokio::sync::mpsc;
 pub enum ChangeKind {
     /// The key was set to a value.
     Set,
-    /// The key was removed.
+    /// The key was deleted.
     Delete,
+    /// The key's time to live ran out.
+    Expire,
 }
 
-/// One applied change, shared by every subscriber that receives it.
+/// One applied change, shared by the history and every subscriber that receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     /// What happened.
     pub kind: ChangeKind,
     /// The key that changed.
-    pub key: String,
-    /// The new value; empty for [`ChangeKind::Delete`].
-    pub value: String,
+    pub key: Arc<str>,
+    /// The new value; empty for a delete or an expiry.
+    pub value: Arc<str>,
+    /// The store revision of this change.
+    pub revision: u64,
+    /// The key's create revision after the change; 0 once it is gone.
+    pub create_revision: u64,
+    /// The key's version after the change; 0 once it is gone.
+    pub version: u64,
     /// When the change was applied, in Unix milliseconds.
     pub timestamp_ms: i64,
+}
+
+impl Change {
+    /// Roughly the memory this change holds, for bounding the history by bytes.
+    pub fn weight(&self) -> usize {
+        std::mem::size_of::<Self>() + 32 + self.key.len() + self.value.len()
+    }
+}
+
+/// What a subscription delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A change, replayed from history or live.
+    Change(Arc<Change>),
+    /// A key's current value, part of the snapshot a subscription asked to begin with.
+    Initial(Arc<Change>),
+    /// The snapshot is complete: it was read at this revision, and live changes follow.
+    SnapshotEnd(u64),
 }
 
 /// The subscription limit was reached.
@@ -65,6 +92,9 @@ struct HubInner {
     registry: Mutex<Registry>,
     /// Mirrors the registry's size so writers skip the lock when nobody listens.
     active: AtomicUsize,
+    /// The revision of the last change offered to every subscriber. A subscription whose
+    /// queue is empty after reading this has received every matching change up to it.
+    published: AtomicU64,
     buffer: usize,
     max: usize,
 }
@@ -92,6 +122,7 @@ impl Hub {
             inner: Arc::new(HubInner {
                 registry: Mutex::default(),
                 active: AtomicUsize::new(0),
+                published: AtomicU64::new(0),
                 buffer: buffer.max(1),
                 max,
             }),
@@ -99,8 +130,17 @@ impl Hub {
     }
 
     /// Registers a subscriber for every key that starts with `prefix` ("" matches all keys).
-    /// It receives every change published after this returns.
-    pub fn subscribe(&self, prefix: String) -> Result<Subscription, TooManySubscriptions> {
+    /// It delivers `backlog` first, then every change published after this returns whose
+    /// revision is at least `min_revision`.
+    ///
+    /// The caller must hold off publishers while it builds the backlog and calls this, so
+    /// that nothing falls between the two.
+    pub fn subscribe(
+        &self,
+        prefix: String,
+        backlog: VecDeque<Event>,
+        min_revision: u64,
+    ) -> Result<Subscription, TooManySubscriptions> {
         let (tx, rx) = mpsc::channel(self.inner.buffer);
         let missed = Arc::new(AtomicU64::new(0));
         let mut registry = self.lock();
@@ -124,7 +164,9 @@ impl Hub {
             *registry.lengths.entry(prefix.len()).or_default() += 1;
         }
         Ok(Subscription {
+            backlog,
             rx,
+            min_revision,
             missed,
             hub: self.clone(),
             id,
@@ -143,17 +185,24 @@ impl Hub {
         self.len() == 0
     }
 
-    /// Queues a change for every subscriber whose prefix matches `key`, building it with
-    /// `change` only if one does. Never waits: a subscriber whose queue is full is marked
-    /// lagged and receives nothing more, so its stream ends instead of skipping a change.
+    /// Queues a change for every subscriber whose prefix matches its key. Never waits: a
+    /// subscriber whose queue is full is marked lagged and receives nothing more, so its
+    /// stream ends instead of skipping a change.
     ///
-    /// The caller holds the key's write lock, which makes per-key event order equal write order.
-    pub fn publish(&self, key: &str, change: impl FnOnce() -> Change) {
-        if self.is_empty() {
-            return;
+    /// The caller holds the store's write lock, so changes are published one at a time in
+    /// revision order.
+    pub fn publish(&self, change: &Arc<Change>) {
+        if !self.is_empty() {
+            self.offer(change);
         }
+        self.inner
+            .published
+            .store(change.revision, Ordering::Release);
+    }
+
+    fn offer(&self, change: &Arc<Change>) {
+        let key = &*change.key;
         let registry = self.lock();
-        let mut change = LazyChange::new(change);
         for &len in registry.lengths.keys() {
             if len > key.len() {
                 break;
@@ -165,7 +214,7 @@ impl Hub {
                 continue;
             };
             for subscriber in subscribers {
-                subscriber.offer(&mut change);
+                subscriber.offer(change);
             }
         }
     }
@@ -200,12 +249,12 @@ impl Hub {
 }
 
 impl Subscriber {
-    fn offer(&self, change: &mut LazyChange<impl FnOnce() -> Change>) {
+    fn offer(&self, change: &Arc<Change>) {
         if self.missed.load(Ordering::Relaxed) > 0 {
             self.missed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match self.tx.try_send(change.get()) {
+        match self.tx.try_send(change.clone()) {
             Ok(()) => {}
             // Lag policy: a change feed must not skip silently. Stop delivering; the
             // subscription sees `missed > 0` and ends its stream with how far behind it was.
@@ -218,36 +267,14 @@ impl Subscriber {
     }
 }
 
-/// Builds the shared change on first use, so a write that matches nobody allocates nothing.
-struct LazyChange<F> {
-    make: Option<F>,
-    built: Option<Arc<Change>>,
-}
-
-impl<F: FnOnce() -> Change> LazyChange<F> {
-    fn new(make: F) -> Self {
-        Self {
-            make: Some(make),
-            built: None,
-        }
-    }
-
-    fn get(&mut self) -> Arc<Change> {
-        if let Some(make) = self.make.take() {
-            self.built = Some(Arc::new(make()));
-        }
-        self.built
-            .clone()
-            .expect("built on the first call, before `make` is taken")
-    }
-}
-
 /// A live subscription: a stream of the changes to keys under its prefix.
 ///
-/// It yields changes in publish order, then, if it fell behind, one [`Lagged`] error and
-/// nothing more. Dropping it unregisters it at once.
+/// It yields its backlog, then live changes in revision order, then, if it fell behind, one
+/// [`Lagged`] error and nothing more. Dropping it unregisters it at once.
 pub struct Subscription {
+    backlog: VecDeque<Event>,
     rx: mpsc::Receiver<Arc<Change>>,
+    min_revision: u64,
     missed: Arc<AtomicU64>,
     hub: Hub,
     id: u64,
@@ -261,14 +288,24 @@ impl Subscription {
         &self.prefix
     }
 
-    /// Waits for the next change. Cancel-safe.
-    pub async fn recv(&mut self) -> Option<Result<Arc<Change>, Lagged>> {
+    /// The revision up to which every matching change has been offered to this
+    /// subscription. Read it *before* finding the subscription empty to know it is current
+    /// up to that revision.
+    pub fn published_revision(&self) -> u64 {
+        self.hub.inner.published.load(Ordering::Acquire)
+    }
+
+    /// Waits for the next event. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Result<Event, Lagged>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Arc<Change>, Lagged>>> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, Lagged>>> {
         if self.ended {
             return Poll::Ready(None);
+        }
+        if let Some(event) = self.backlog.pop_front() {
+            return Poll::Ready(Some(Ok(event)));
         }
         let missed = self.missed.load(Ordering::Acquire);
         if missed > 0 {
@@ -282,12 +319,18 @@ impl Subscription {
                 buffer: self.hub.inner.buffer,
             })));
         }
-        self.rx.poll_recv(cx).map(|next| next.map(Ok))
+        loop {
+            match self.rx.poll_recv(cx) {
+                // A subscription that starts at a future revision skips what comes before.
+                Poll::Ready(Some(change)) if change.revision < self.min_revision => {}
+                other => return other.map(|next| next.map(|c| Ok(Event::Change(c)))),
+            }
+        }
     }
 }
 
 impl Stream for Subscription {
-    type Item = Result<Arc<Change>, Lagged>;
+    type Item = Result<Event, Lagged>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_recv(cx)
@@ -304,23 +347,32 @@ impl Drop for Subscription {
 mod tests {
     use super::*;
 
-    fn change(key: &str) -> Change {
-        Change {
+    fn change(key: &str, revision: u64) -> Arc<Change> {
+        Arc::new(Change {
             kind: ChangeKind::Set,
             key: key.into(),
             value: "v".into(),
+            revision,
+            create_revision: revision,
+            version: 1,
             timestamp_ms: 0,
-        }
+        })
     }
 
-    fn publish(hub: &Hub, key: &str) {
-        hub.publish(key, || change(key));
+    fn subscribe(hub: &Hub, prefix: &str) -> Subscription {
+        hub.subscribe(prefix.into(), VecDeque::new(), 0).unwrap()
+    }
+
+    fn publish_all(hub: &Hub, keys: &[&str]) {
+        for (i, key) in keys.iter().enumerate() {
+            hub.publish(&change(key, i as u64 + 1));
+        }
     }
 
     fn pending(sub: &mut Subscription) -> Vec<String> {
         let mut keys = Vec::new();
         while let Ok(c) = sub.rx.try_recv() {
-            keys.push(c.key.clone());
+            keys.push(c.key.to_string());
         }
         keys
     }
@@ -328,42 +380,35 @@ mod tests {
     #[test]
     fn a_prefix_matches_keys_that_start_with_it() {
         let hub = Hub::new(16, 16);
-        let mut user = hub.subscribe("user:".into()).unwrap();
-        let mut all = hub.subscribe(String::new()).unwrap();
-        let mut exact = hub.subscribe("user:1".into()).unwrap();
-        for key in ["user:1", "users", "user:", "use", "user:10", "other"] {
-            publish(&hub, key);
-        }
+        let mut user = subscribe(&hub, "user:");
+        let mut all = subscribe(&hub, "");
+        let mut exact = subscribe(&hub, "user:1");
+        publish_all(
+            &hub,
+            &["user:1", "users", "user:", "use", "user:10", "other"],
+        );
         assert_eq!(pending(&mut user), ["user:1", "user:", "user:10"]);
         assert_eq!(
             pending(&mut all),
             ["user:1", "users", "user:", "use", "user:10", "other"]
         );
         assert_eq!(pending(&mut exact), ["user:1", "user:10"]);
+        assert_eq!(user.published_revision(), 6);
     }
 
     #[test]
     fn matching_respects_utf8_boundaries() {
         let hub = Hub::new(16, 16);
-        let mut sub = hub.subscribe("é".into()).unwrap();
-        publish(&hub, "éa");
-        publish(&hub, "e");
-        publish(&hub, "ü");
+        let mut sub = subscribe(&hub, "é");
+        publish_all(&hub, &["éa", "e", "ü"]);
         assert_eq!(pending(&mut sub), ["éa"]);
-    }
-
-    #[test]
-    fn a_write_that_matches_nobody_builds_no_change() {
-        let hub = Hub::new(16, 16);
-        let _sub = hub.subscribe("a".into()).unwrap();
-        hub.publish("b", || panic!("no subscriber matches `b`"));
     }
 
     #[test]
     fn dropping_a_subscription_unregisters_it() {
         let hub = Hub::new(16, 16);
-        let a = hub.subscribe("p".into()).unwrap();
-        let b = hub.subscribe("p".into()).unwrap();
+        let a = subscribe(&hub, "p");
+        let b = subscribe(&hub, "p");
         assert_eq!(hub.len(), 2);
         drop(a);
         assert_eq!(hub.len(), 1);
@@ -377,23 +422,32 @@ mod tests {
     #[test]
     fn the_subscription_limit_is_enforced_and_freed_on_drop() {
         let hub = Hub::new(16, 2);
-        let a = hub.subscribe("x".into()).unwrap();
-        let _b = hub.subscribe("y".into()).unwrap();
+        let a = subscribe(&hub, "x");
+        let _b = subscribe(&hub, "y");
         assert_eq!(
-            hub.subscribe("z".into()).err(),
+            hub.subscribe("z".into(), VecDeque::new(), 0).err(),
             Some(TooManySubscriptions { max: 2 })
         );
         drop(a);
-        assert!(hub.subscribe("z".into()).is_ok());
+        let _c = subscribe(&hub, "z");
+    }
+
+    #[tokio::test]
+    async fn the_backlog_comes_first_and_a_start_revision_skips_earlier_changes() {
+        let hub = Hub::new(16, 16);
+        let backlog = VecDeque::from([Event::Initial(change("a", 1)), Event::SnapshotEnd(1)]);
+        let mut sub = hub.subscribe(String::new(), backlog, 3).unwrap();
+        publish_all(&hub, &["b", "c", "d"]);
+        assert_eq!(sub.recv().await, Some(Ok(Event::Initial(change("a", 1)))));
+        assert_eq!(sub.recv().await, Some(Ok(Event::SnapshotEnd(1))));
+        assert_eq!(sub.recv().await, Some(Ok(Event::Change(change("d", 3)))));
     }
 
     #[tokio::test]
     async fn a_full_queue_ends_the_subscription_with_how_far_behind_it_is() {
         let hub = Hub::new(2, 16);
-        let mut sub = hub.subscribe(String::new()).unwrap();
-        for i in 0..5 {
-            publish(&hub, &format!("k{i}"));
-        }
+        let mut sub = subscribe(&hub, "");
+        publish_all(&hub, &["k0", "k1", "k2", "k3", "k4"]);
         // Two queued and three that found the queue full.
         assert_eq!(
             sub.recv().await,

@@ -51,7 +51,7 @@ pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
         ),
         None => None,
     };
-    let store = Store::new(settings.subscriptions.buffer, settings.subscriptions.max);
+    let store = Store::new(settings.subscriptions, settings.history);
     Ok(Server {
         settings,
         store,
@@ -101,7 +101,7 @@ impl Server {
         reporter
             .set_serving::<KeyValueStoreServer<KvService>>()
             .await;
-        let app = main_router(&settings, store, &draining, &stop, health_service)?;
+        let app = main_router(&settings, store.clone(), &draining, &stop, health_service)?;
         let drain = settings.shutdown.drain_timeout;
 
         info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", "listening");
@@ -119,7 +119,11 @@ impl Server {
                     task.await;
                 }
             };
-            tokio::join!(serve("main", main, app, stop.clone(), drain), health);
+            tokio::join!(
+                serve("main", main, app, stop.clone(), drain),
+                health,
+                store.expire_until(stop.cancelled()),
+            );
         };
         tokio::pin!(servers);
 

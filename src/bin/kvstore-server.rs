@@ -86,7 +86,8 @@ fn run(settings: config::Settings) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        let signal = shutdown::signal();
         let server = server::bind(settings).await?;
-        server.run(shutdown::signal()).await
+        server.run(signal).await
     })
 }

@@ -52,6 +52,7 @@ async fn readiness_and_grpc_health_flip_first_while_requests_are_still_served() 
         .set(SetRequest {
             key: "k".into(),
             value: "v".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -60,6 +61,7 @@ async fn readiness_and_grpc_health_flip_first_while_requests_are_still_served() 
         .set(SetRequest {
             key: "k".into(),
             value: "w".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -76,6 +78,7 @@ async fn shutdown_ends_open_subscriptions_with_unavailable() {
         let stream = client
             .subscribe(SubscribeRequest {
                 key_pattern: pattern.into(),
+                ..Default::default()
             })
             .await
             .unwrap()
