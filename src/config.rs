@@ -65,6 +65,11 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// The most items one List page returns, whatever the request asks.
     pub max_page: usize,
+    /// The most ops one Batch call carries.
+    pub max_batch_ops: usize,
+    /// The largest Batch message, in bytes (a single set may always be as large as the key
+    /// and value limits allow).
+    pub max_batch_bytes: usize,
 }
 
 /// `[subscriptions]`: buffers and caps of change streams.
@@ -133,6 +138,8 @@ impl Default for Settings {
                 max_key_bytes: 4096,
                 max_value_bytes: 1024 * 1024,
                 max_page: 10_000,
+                max_batch_ops: 10_000,
+                max_batch_bytes: 4 * 1024 * 1024,
             },
             subscriptions: SubscriptionSettings {
                 buffer: 1024,
@@ -342,6 +349,7 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         ("server.max_in_flight", settings.server.max_in_flight),
         ("limits.max_key_bytes", settings.limits.max_key_bytes),
         ("limits.max_page", settings.limits.max_page),
+        ("limits.max_batch_ops", settings.limits.max_batch_ops),
         ("subscriptions.buffer", settings.subscriptions.buffer),
         ("subscriptions.max", settings.subscriptions.max),
     ];

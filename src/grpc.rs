@@ -16,11 +16,12 @@ use crate::config::Limits;
 use crate::pb::change_event::ChangeType;
 use crate::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
 use crate::pb::{
-    ChangeEvent, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, ListRequest,
-    ListResponse, SetRequest, SetResponse, SubscribeRequest,
+    self, BatchOp, BatchRequest, BatchResponse, BatchResult, ChangeEvent, DeleteRequest,
+    DeleteResponse, GetRequest, GetResponse, KeyValue, ListRequest, ListResponse, SetRequest,
+    SetResponse, SubscribeRequest, batch_op, batch_result,
 };
 use crate::pubsub::{Change, ChangeKind, Event, Subscription};
-use crate::store::{self, SetOptions, Start, Store, SubscribeError};
+use crate::store::{self, Op, OpResult, SetOptions, Start, Store, SubscribeError};
 
 /// Room for protobuf framing on top of the largest key and value.
 const MESSAGE_OVERHEAD: usize = 1024;
@@ -60,11 +61,13 @@ impl KvService {
         }
     }
 
-    /// The generated server, with a decode limit that fits the largest valid request, so a
-    /// value just over the limit gets `INVALID_ARGUMENT` naming the limit, and a far larger
-    /// message gets tonic's `OUT_OF_RANGE` rather than a dropped connection.
+    /// The generated server, with a decode limit that fits the largest valid request (one
+    /// set, or a batch), so a value just over the limit gets `INVALID_ARGUMENT` naming the
+    /// limit, and a far larger message gets tonic's `OUT_OF_RANGE` rather than a dropped
+    /// connection.
     pub fn into_server(self) -> KeyValueStoreServer<Self> {
-        let max = self.limits.max_key_bytes + self.limits.max_value_bytes + MESSAGE_OVERHEAD;
+        let one_set = self.limits.max_key_bytes + self.limits.max_value_bytes + MESSAGE_OVERHEAD;
+        let max = one_set.max(self.limits.max_batch_bytes);
         KeyValueStoreServer::new(self).max_decoding_message_size(max)
     }
 
@@ -77,6 +80,106 @@ impl KvService {
 
     fn check_key_size(&self, what: &str, key: &str) -> Result<(), Status> {
         check_size(what, key, self.limits.max_key_bytes, "limits.max_key_bytes")
+    }
+}
+
+impl KvService {
+    fn set_args(&self, request: SetRequest) -> Result<(String, String, SetOptions), Status> {
+        let SetRequest {
+            key,
+            value,
+            expected_mod_revision,
+            ttl_ms,
+        } = request;
+        self.check_key(&key)?;
+        check_size(
+            "value",
+            &value,
+            self.limits.max_value_bytes,
+            "limits.max_value_bytes",
+        )?;
+        let expected_mod_revision = expected_mod_revision
+            .map(|r| revision_arg("expected_mod_revision", r))
+            .transpose()?;
+        let ttl = match ttl_ms {
+            0 => None,
+            1..=MAX_TTL_MS => Some(Duration::from_millis(ttl_ms.unsigned_abs())),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl_ms must be from 0 (no expiry) to {MAX_TTL_MS} (ten years), got {ttl_ms}"
+                )));
+            }
+        };
+        let options = SetOptions {
+            expected_mod_revision,
+            ttl,
+        };
+        Ok((key, value, options))
+    }
+
+    fn delete_args(&self, request: DeleteRequest) -> Result<(String, Option<u64>), Status> {
+        let DeleteRequest {
+            key,
+            expected_mod_revision,
+        } = request;
+        self.check_key(&key)?;
+        let expected = expected_mod_revision
+            .map(|r| revision_arg("expected_mod_revision", r))
+            .transpose()?;
+        Ok((key, expected))
+    }
+
+    fn batch_op(&self, op: BatchOp) -> Result<Op, Status> {
+        match op.op {
+            Some(batch_op::Op::Get(GetRequest { key })) => {
+                self.check_key(&key)?;
+                Ok(Op::Get(key))
+            }
+            Some(batch_op::Op::Set(request)) => {
+                let (key, value, options) = self.set_args(request)?;
+                Ok(Op::Set {
+                    key,
+                    value,
+                    options,
+                })
+            }
+            Some(batch_op::Op::Delete(request)) => {
+                let (key, expected_mod_revision) = self.delete_args(request)?;
+                Ok(Op::Delete {
+                    key,
+                    expected_mod_revision,
+                })
+            }
+            None => Err(Status::invalid_argument(
+                "the op is empty: set get, set or delete",
+            )),
+        }
+    }
+}
+
+fn get_response(found: Option<store::KeyValue>, revision: u64) -> GetResponse {
+    match found {
+        Some(kv) => GetResponse {
+            value: kv.value.to_string(),
+            found: true,
+            create_revision: wire(kv.create_revision),
+            mod_revision: wire(kv.mod_revision),
+            version: wire(kv.version),
+            ttl_ms: ttl_ms(kv.ttl),
+            revision: wire(revision),
+        },
+        None => GetResponse {
+            revision: wire(revision),
+            ..GetResponse::default()
+        },
+    }
+}
+
+fn delete_response(deleted: store::Deleted) -> DeleteResponse {
+    DeleteResponse {
+        deleted: deleted.prev_mod_revision.is_some(),
+        prev_mod_revision: wire(deleted.prev_mod_revision.unwrap_or(0)),
+        revision: wire(deleted.revision),
     }
 }
 
@@ -145,55 +248,12 @@ impl KeyValueStore for KvService {
         let key = request.into_inner().key;
         self.check_key(&key)?;
         let (found, revision) = self.store.get(&key);
-        let response = match found {
-            Some(kv) => GetResponse {
-                value: kv.value.to_string(),
-                found: true,
-                create_revision: wire(kv.create_revision),
-                mod_revision: wire(kv.mod_revision),
-                version: wire(kv.version),
-                ttl_ms: ttl_ms(kv.ttl),
-                revision: wire(revision),
-            },
-            None => GetResponse {
-                revision: wire(revision),
-                ..GetResponse::default()
-            },
-        };
-        Ok(Response::new(response))
+        Ok(Response::new(get_response(found, revision)))
     }
 
     /// Stores the value; nothing is stored when the request is refused or its guard fails.
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
-        let SetRequest {
-            key,
-            value,
-            expected_mod_revision,
-            ttl_ms,
-        } = request.into_inner();
-        self.check_key(&key)?;
-        check_size(
-            "value",
-            &value,
-            self.limits.max_value_bytes,
-            "limits.max_value_bytes",
-        )?;
-        let expected_mod_revision = expected_mod_revision
-            .map(|r| revision_arg("expected_mod_revision", r))
-            .transpose()?;
-        let ttl = match ttl_ms {
-            0 => None,
-            1..=MAX_TTL_MS => Some(Duration::from_millis(ttl_ms.unsigned_abs())),
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "ttl_ms must be from 0 (no expiry) to {MAX_TTL_MS} (ten years), got {ttl_ms}"
-                )));
-            }
-        };
-        let options = SetOptions {
-            expected_mod_revision,
-            ttl,
-        };
+        let (key, value, options) = self.set_args(request.into_inner())?;
         let revision = self
             .store
             .set(key, value, options)
@@ -210,19 +270,60 @@ impl KeyValueStore for KvService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let DeleteRequest {
-            key,
-            expected_mod_revision,
-        } = request.into_inner();
-        self.check_key(&key)?;
-        let expected = expected_mod_revision
-            .map(|r| revision_arg("expected_mod_revision", r))
-            .transpose()?;
+        let (key, expected) = self.delete_args(request.into_inner())?;
         let deleted = self.store.delete(&key, expected).map_err(conflict_status)?;
-        Ok(Response::new(DeleteResponse {
-            deleted: deleted.prev_mod_revision.is_some(),
-            prev_mod_revision: wire(deleted.prev_mod_revision.unwrap_or(0)),
-            revision: wire(deleted.revision),
+        Ok(Response::new(delete_response(deleted)))
+    }
+
+    /// Validates every op first, then applies them all under one lock.
+    async fn batch(
+        &self,
+        request: Request<BatchRequest>,
+    ) -> Result<Response<BatchResponse>, Status> {
+        let ops = request.into_inner().ops;
+        if ops.len() > self.limits.max_batch_ops {
+            return Err(Status::invalid_argument(format!(
+                "batch has {} ops, over the limit of {} (limits.max_batch_ops)",
+                ops.len(),
+                self.limits.max_batch_ops
+            )));
+        }
+        let ops = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| {
+                self.batch_op(op).map_err(|status| {
+                    Status::invalid_argument(format!("op {i}: {}", status.message()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (results, revision) = self.store.batch(ops);
+        let results = results
+            .into_iter()
+            .map(|result| BatchResult {
+                result: Some(match result {
+                    OpResult::Get(found) => {
+                        batch_result::Result::Get(get_response(found, revision))
+                    }
+                    OpResult::Set(revision) => batch_result::Result::Set(SetResponse {
+                        success: true,
+                        // Left empty: a message per op would cost more than the op.
+                        message: String::new(),
+                        revision: wire(revision),
+                    }),
+                    OpResult::Delete(deleted) => {
+                        batch_result::Result::Delete(delete_response(deleted))
+                    }
+                    OpResult::Conflict(conflict) => batch_result::Result::Conflict(pb::Conflict {
+                        mod_revision: wire(conflict.actual),
+                        message: conflict.to_string(),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(BatchResponse {
+            results,
+            revision: wire(revision),
         }))
     }
 
@@ -300,10 +401,10 @@ impl KeyValueStore for KvService {
                 ),
             })?;
         Ok(Response::new(ChangeStream {
+            last_revision: subscription.after(),
             subscription,
             shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
             progress: progress.map(|every| (every, Box::pin(tokio::time::sleep(every)))),
-            last_revision: 0,
             ended: false,
         }))
     }
@@ -318,6 +419,7 @@ pub struct ChangeStream {
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The idle interval after which a PROGRESS event is sent, and its timer.
     progress: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// The revision the client is current to: where it resumes from, plus one.
     last_revision: u64,
     ended: bool,
 }
@@ -425,6 +527,8 @@ mod tests {
             max_key_bytes: 8,
             max_value_bytes: 16,
             max_page: 10,
+            max_batch_ops: 4,
+            max_batch_bytes: 1024,
         };
         let defaults = crate::config::Settings::default();
         let store = Store::new(defaults.subscriptions, defaults.history);

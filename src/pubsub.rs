@@ -131,7 +131,8 @@ impl Hub {
 
     /// Registers a subscriber for every key that starts with `prefix` ("" matches all keys).
     /// It delivers `backlog` first, then every change published after this returns whose
-    /// revision is at least `min_revision`.
+    /// revision is at least `min_revision`. `after` is the revision the subscriber is
+    /// already current to when it starts (see [`Subscription::after`]).
     ///
     /// The caller must hold off publishers while it builds the backlog and calls this, so
     /// that nothing falls between the two.
@@ -140,6 +141,7 @@ impl Hub {
         prefix: String,
         backlog: VecDeque<Event>,
         min_revision: u64,
+        after: u64,
     ) -> Result<Subscription, TooManySubscriptions> {
         let (tx, rx) = mpsc::channel(self.inner.buffer);
         let missed = Arc::new(AtomicU64::new(0));
@@ -167,6 +169,7 @@ impl Hub {
             backlog,
             rx,
             min_revision,
+            after,
             missed,
             hub: self.clone(),
             id,
@@ -275,6 +278,7 @@ pub struct Subscription {
     backlog: VecDeque<Event>,
     rx: mpsc::Receiver<Arc<Change>>,
     min_revision: u64,
+    after: u64,
     missed: Arc<AtomicU64>,
     hub: Hub,
     id: u64,
@@ -286,6 +290,12 @@ impl Subscription {
     /// The prefix this subscription matches.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The revision before the first change this subscription delivers: a client that
+    /// receives nothing can still resume from the next one without a gap.
+    pub fn after(&self) -> u64 {
+        self.after
     }
 
     /// The revision up to which every matching change has been offered to this
@@ -360,7 +370,7 @@ mod tests {
     }
 
     fn subscribe(hub: &Hub, prefix: &str) -> Subscription {
-        hub.subscribe(prefix.into(), VecDeque::new(), 0).unwrap()
+        hub.subscribe(prefix.into(), VecDeque::new(), 0, 0).unwrap()
     }
 
     fn publish_all(hub: &Hub, keys: &[&str]) {
@@ -425,7 +435,7 @@ mod tests {
         let a = subscribe(&hub, "x");
         let _b = subscribe(&hub, "y");
         assert_eq!(
-            hub.subscribe("z".into(), VecDeque::new(), 0).err(),
+            hub.subscribe("z".into(), VecDeque::new(), 0, 0).err(),
             Some(TooManySubscriptions { max: 2 })
         );
         drop(a);
@@ -436,7 +446,8 @@ mod tests {
     async fn the_backlog_comes_first_and_a_start_revision_skips_earlier_changes() {
         let hub = Hub::new(16, 16);
         let backlog = VecDeque::from([Event::Initial(change("a", 1)), Event::SnapshotEnd(1)]);
-        let mut sub = hub.subscribe(String::new(), backlog, 3).unwrap();
+        let mut sub = hub.subscribe(String::new(), backlog, 3, 2).unwrap();
+        assert_eq!(sub.after(), 2);
         publish_all(&hub, &["b", "c", "d"]);
         assert_eq!(sub.recv().await, Some(Ok(Event::Initial(change("a", 1)))));
         assert_eq!(sub.recv().await, Some(Ok(Event::SnapshotEnd(1))));

@@ -108,12 +108,48 @@ pub struct Page {
     pub revision: u64,
 }
 
+/// One operation of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Read a key.
+    Get(String),
+    /// Set a key.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Guard and TTL.
+        options: SetOptions,
+    },
+    /// Delete a key.
+    Delete {
+        /// The key.
+        key: String,
+        /// Delete only at this `mod_revision` (0: only if absent).
+        expected_mod_revision: Option<u64>,
+    },
+}
+
+/// The outcome of one operation of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    /// What a get found.
+    Get(Option<KeyValue>),
+    /// The revision a set produced.
+    Set(u64),
+    /// What a delete did.
+    Delete(Deleted),
+    /// A set or delete whose guard did not match; it changed nothing.
+    Conflict(Conflict),
+}
+
 /// Where a subscription begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
     /// With the next change.
     Now,
-    /// With the change at this revision: retained history first, then live.
+    /// With the change at this revision (at least 1): retained history first, then live.
     Revision(u64),
     /// With the current value of every matching key, then live changes.
     Snapshot,
@@ -169,12 +205,7 @@ impl Store {
     pub fn get(&self, key: &str) -> (Option<KeyValue>, u64) {
         let now = self.clock.now();
         let state = self.read();
-        let found = state
-            .map
-            .get_key_value(key)
-            .filter(|(_, entry)| entry.is_live(now))
-            .map(|(key, entry)| entry.to_key_value(key, now));
-        (found, state.revision)
+        (state.get(key, now), state.revision)
     }
 
     /// Sets `key` to `value` and returns the revision of the change. Subscribers whose
@@ -183,56 +214,7 @@ impl Store {
         let now = self.clock.now();
         let mut state = self.write();
         state.expire_due(now, &self.hub);
-        let current = state.map.get_key_value(key.as_str());
-        check(
-            options.expected_mod_revision,
-            current.map(|(_, e)| e.mod_revision),
-        )?;
-
-        let revision = state.revision + 1;
-        let expires_at = options.ttl.map(|ttl| now + ttl);
-        let (key, create_revision, version, old_deadline) = match current {
-            Some((key, entry)) => (
-                key.clone(),
-                entry.create_revision,
-                entry.version + 1,
-                entry.expires_at,
-            ),
-            None => (Arc::from(key), revision, 1, None),
-        };
-        let value: Arc<str> = Arc::from(value);
-        if let Some(at) = old_deadline {
-            state.expiry.remove(&(at, key.clone()));
-        }
-        if let Some(at) = expires_at {
-            if state.expiry.first().is_none_or(|(first, _)| at < *first) {
-                self.expiry_changed.notify_one();
-            }
-            state.expiry.insert((at, key.clone()));
-        }
-        state.map.insert(
-            key.clone(),
-            Entry {
-                value: value.clone(),
-                create_revision,
-                mod_revision: revision,
-                version,
-                expires_at,
-            },
-        );
-        state.apply(
-            Change {
-                kind: ChangeKind::Set,
-                key,
-                value,
-                revision,
-                create_revision,
-                version,
-                timestamp_ms: now_ms(),
-            },
-            &self.hub,
-        );
-        Ok(revision)
+        state.set(key, value, options, now, self.writer())
     }
 
     /// Deletes `key`, if present (and, when guarded, at the expected `mod_revision`).
@@ -244,19 +226,47 @@ impl Store {
         let now = self.clock.now();
         let mut state = self.write();
         state.expire_due(now, &self.hub);
-        let current = state.map.get(key).map(|e| e.mod_revision);
-        check(expected_mod_revision, current)?;
-        let Some((key, entry)) = state.map.remove_entry(key) else {
-            return Ok(Deleted {
-                prev_mod_revision: None,
-                revision: state.revision,
+        state.delete(key, expected_mod_revision, &self.hub)
+    }
+
+    /// Applies `ops` in order under one lock, so no other write interleaves with them; each
+    /// is exactly what it would be alone (its own revision and event). Returns one result
+    /// per op and the revision after the last.
+    pub fn batch(&self, ops: Vec<Op>) -> (Vec<OpResult>, u64) {
+        let now = self.clock.now();
+        let mut results = Vec::with_capacity(ops.len());
+        if ops.iter().all(|op| matches!(op, Op::Get(_))) {
+            let state = self.read();
+            for op in ops {
+                if let Op::Get(key) = op {
+                    results.push(OpResult::Get(state.get(&key, now)));
+                }
+            }
+            return (results, state.revision);
+        }
+        let mut state = self.write();
+        state.expire_due(now, &self.hub);
+        for op in ops {
+            results.push(match op {
+                Op::Get(key) => OpResult::Get(state.get(&key, now)),
+                Op::Set {
+                    key,
+                    value,
+                    options,
+                } => match state.set(key, value, options, now, self.writer()) {
+                    Ok(revision) => OpResult::Set(revision),
+                    Err(conflict) => OpResult::Conflict(conflict),
+                },
+                Op::Delete {
+                    key,
+                    expected_mod_revision,
+                } => match state.delete(&key, expected_mod_revision, &self.hub) {
+                    Ok(deleted) => OpResult::Delete(deleted),
+                    Err(conflict) => OpResult::Conflict(conflict),
+                },
             });
-        };
-        let revision = state.remove(key, entry, ChangeKind::Delete, &self.hub);
-        Ok(Deleted {
-            prev_mod_revision: current,
-            revision,
-        })
+        }
+        (results, state.revision)
     }
 
     /// Up to `limit` keys that start with `prefix`, after `start_after` (exclusive; "" for
@@ -293,12 +303,17 @@ impl Store {
         // The read lock holds off writers, so nothing is published between reading the
         // backlog and registering the subscriber.
         let state = self.read();
-        let (backlog, min_revision) = match start {
-            Start::Now => (VecDeque::new(), 0),
-            Start::Revision(from) => (state.history.since(from, &prefix)?, from),
-            Start::Snapshot => (state.snapshot(&prefix, now), 0),
+        let (backlog, min_revision, after) = match start {
+            Start::Now => (VecDeque::new(), 0, state.revision),
+            Start::Revision(from) => (
+                state.history.since(from, &prefix)?,
+                from,
+                from.saturating_sub(1),
+            ),
+            // Until the snapshot's end marker arrives, the subscriber knows nothing.
+            Start::Snapshot => (state.snapshot(&prefix, now), 0, 0),
         };
-        Ok(self.hub.subscribe(prefix, backlog, min_revision)?)
+        Ok(self.hub.subscribe(prefix, backlog, min_revision, after)?)
     }
 
     /// The current store revision.
@@ -350,6 +365,13 @@ impl Store {
         }
     }
 
+    fn writer(&self) -> Writer<'_> {
+        Writer {
+            hub: &self.hub,
+            expiry_changed: &self.expiry_changed,
+        }
+    }
+
     // A writer that panicked mid-operation leaves the collections valid (their operations
     // are panic-safe), so poisoning is ignored rather than taking the whole server down.
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -371,7 +393,98 @@ fn check(expected: Option<u64>, actual: Option<u64>) -> Result<(), Conflict> {
     }
 }
 
+/// What a write needs besides the state: whom to publish to, and whom to wake for a new
+/// earliest deadline.
+#[derive(Clone, Copy)]
+struct Writer<'a> {
+    hub: &'a Hub,
+    expiry_changed: &'a Notify,
+}
+
 impl State {
+    fn get(&self, key: &str, now: Instant) -> Option<KeyValue> {
+        self.map
+            .get_key_value(key)
+            .filter(|(_, entry)| entry.is_live(now))
+            .map(|(key, entry)| entry.to_key_value(key, now))
+    }
+
+    fn set(
+        &mut self,
+        key: String,
+        value: String,
+        options: SetOptions,
+        now: Instant,
+        writer: Writer<'_>,
+    ) -> Result<u64, Conflict> {
+        let current = self.map.get_key_value(key.as_str());
+        check(
+            options.expected_mod_revision,
+            current.map(|(_, e)| e.mod_revision),
+        )?;
+
+        let revision = self.revision + 1;
+        let expires_at = options.ttl.map(|ttl| now + ttl);
+        let (key, create_revision, version, old_deadline) = match current {
+            Some((key, entry)) => (
+                key.clone(),
+                entry.create_revision,
+                entry.version + 1,
+                entry.expires_at,
+            ),
+            None => (Arc::from(key), revision, 1, None),
+        };
+        let value: Arc<str> = Arc::from(value);
+        if let Some(at) = old_deadline {
+            self.expiry.remove(&(at, key.clone()));
+        }
+        if let Some(at) = expires_at {
+            if self.expiry.first().is_none_or(|(first, _)| at < *first) {
+                writer.expiry_changed.notify_one();
+            }
+            self.expiry.insert((at, key.clone()));
+        }
+        self.map.insert(
+            key.clone(),
+            Entry {
+                value: value.clone(),
+                create_revision,
+                mod_revision: revision,
+                version,
+                expires_at,
+            },
+        );
+        self.apply(
+            Change {
+                kind: ChangeKind::Set,
+                key,
+                value,
+                revision,
+                create_revision,
+                version,
+                timestamp_ms: now_ms(),
+            },
+            writer.hub,
+        );
+        Ok(revision)
+    }
+
+    fn delete(&mut self, key: &str, expected: Option<u64>, hub: &Hub) -> Result<Deleted, Conflict> {
+        let current = self.map.get(key).map(|e| e.mod_revision);
+        check(expected, current)?;
+        let Some((key, entry)) = self.map.remove_entry(key) else {
+            return Ok(Deleted {
+                prev_mod_revision: None,
+                revision: self.revision,
+            });
+        };
+        let revision = self.remove(key, entry, ChangeKind::Delete, hub);
+        Ok(Deleted {
+            prev_mod_revision: current,
+            revision,
+        })
+    }
+
     /// Records a change: the new revision, the history, and the subscribers.
     fn apply(&mut self, change: Change, hub: &Hub) {
         self.revision = change.revision;
@@ -672,6 +785,57 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_applies_each_op_as_if_alone_and_only_a_failed_guard_fails() {
+        let (store, _) = manual_store(100);
+        let mut sub = store.subscribe(String::new(), Start::Now).unwrap();
+        let set = |key: &str, expected: Option<u64>| Op::Set {
+            key: key.into(),
+            value: key.into(),
+            options: SetOptions {
+                expected_mod_revision: expected,
+                ttl: None,
+            },
+        };
+        let (results, revision) = store.batch(vec![
+            set("a", None),
+            set("b", Some(0)),
+            set("a", Some(5)),
+            Op::Get("a".into()),
+            Op::Delete {
+                key: "b".into(),
+                expected_mod_revision: Some(2),
+            },
+            Op::Get("b".into()),
+        ]);
+        assert_eq!(revision, 3);
+        assert_eq!(results[0], OpResult::Set(1));
+        assert_eq!(results[1], OpResult::Set(2));
+        assert_eq!(
+            results[2],
+            OpResult::Conflict(Conflict {
+                expected: 5,
+                actual: 1
+            })
+        );
+        assert!(matches!(&results[3], OpResult::Get(Some(kv)) if kv.mod_revision == 1));
+        assert_eq!(
+            results[4],
+            OpResult::Delete(Deleted {
+                prev_mod_revision: Some(2),
+                revision: 3
+            })
+        );
+        assert_eq!(results[5], OpResult::Get(None));
+        let revisions: Vec<u64> = changes(drain(&mut sub))
+            .iter()
+            .map(|c| c.revision)
+            .collect();
+        assert_eq!(revisions, [1, 2, 3]);
+        let (reads, revision) = store.batch(vec![Op::Get("a".into()), Op::Get("zz".into())]);
+        assert_eq!((reads.len(), revision), (2, 3));
+    }
+
+    #[test]
     fn an_expired_key_is_gone_before_any_sweep_and_its_expiry_is_published() {
         let (store, now) = manual_store(100);
         let mut sub = store.subscribe(String::new(), Start::Now).unwrap();
@@ -823,7 +987,7 @@ mod tests {
 
     /// One step of the model-based test.
     #[derive(Debug, Clone)]
-    enum Op {
+    enum Step {
         Set {
             key: &'static str,
             value: u8,
@@ -850,22 +1014,22 @@ mod tests {
 
     const KEYS: [&str; 5] = ["a", "ab", "b", "ba", "c"];
 
-    fn op() -> impl Strategy<Value = Op> {
+    fn step() -> impl Strategy<Value = Step> {
         let key = proptest::sample::select(&KEYS[..]);
         let guard = proptest::option::weighted(0.3, 0..8u64);
         prop_oneof![
             4 => (key.clone(), any::<u8>(), guard.clone(), proptest::option::weighted(0.3, 1..4u64))
-                .prop_map(|(key, value, guard, ttl)| Op::Set { key, value, guard, ttl }),
-            2 => (key.clone(), guard).prop_map(|(key, guard)| Op::Delete { key, guard }),
-            2 => key.prop_map(|key| Op::Get { key }),
+                .prop_map(|(key, value, guard, ttl)| Step::Set { key, value, guard, ttl }),
+            2 => (key.clone(), guard).prop_map(|(key, guard)| Step::Delete { key, guard }),
+            2 => key.prop_map(|key| Step::Get { key }),
             2 => (
                 proptest::sample::select(&["", "a", "b", "c", "x"][..]),
                 proptest::sample::select(&["", "a", "ab", "b"][..]),
                 1..4usize,
             )
-                .prop_map(|(prefix, start_after, limit)| Op::List { prefix, start_after, limit }),
-            1 => (1..3u64).prop_map(|seconds| Op::Advance { seconds }),
-            1 => Just(Op::Expire),
+                .prop_map(|(prefix, start_after, limit)| Step::List { prefix, start_after, limit }),
+            1 => (1..3u64).prop_map(|seconds| Step::Advance { seconds }),
+            1 => Just(Step::Expire),
         ]
     }
 
@@ -933,14 +1097,14 @@ mod tests {
         })]
 
         #[test]
-        fn the_store_behaves_like_a_sorted_map_with_revisions(ops in proptest::collection::vec(op(), 1..60)) {
+        fn the_store_behaves_like_a_sorted_map_with_revisions(ops in proptest::collection::vec(step(), 1..60)) {
             let (store, clock) = manual_store(1000);
             let start = *clock.lock().unwrap();
             let mut everything = store.subscribe(String::new(), Start::Now).unwrap();
             let mut model = Model::default();
             for op in ops {
                 match op {
-                    Op::Set { key, value, guard, ttl } => {
+                    Step::Set { key, value, guard, ttl } => {
                         model.expire();
                         let options = SetOptions { expected_mod_revision: guard, ttl: ttl.map(Duration::from_secs) };
                         let got = store.set(key.into(), value.to_string(), options);
@@ -963,7 +1127,7 @@ mod tests {
                             }
                         }
                     }
-                    Op::Delete { key, guard } => {
+                    Step::Delete { key, guard } => {
                         model.expire();
                         let got = store.delete(key, guard);
                         let current = model.map.get(key).map(|e| e.modified);
@@ -982,7 +1146,7 @@ mod tests {
                             }
                         }
                     }
-                    Op::Get { key } => {
+                    Step::Get { key } => {
                         let (got, _) = store.get(key);
                         let expected = model.live().find(|(k, _)| k.as_str() == key).map(|(_, e)| e.clone());
                         prop_assert_eq!(got.is_some(), expected.is_some());
@@ -990,7 +1154,7 @@ mod tests {
                             check_kv(&kv, key, &entry, model.now);
                         }
                     }
-                    Op::List { prefix, start_after, limit } => {
+                    Step::List { prefix, start_after, limit } => {
                         let page = store.list(prefix, start_after, limit);
                         let expected: Vec<_> = model
                             .live()
@@ -1002,11 +1166,11 @@ mod tests {
                             check_kv(kv, key, entry, model.now);
                         }
                     }
-                    Op::Advance { seconds } => {
+                    Step::Advance { seconds } => {
                         model.now += seconds;
                         *clock.lock().unwrap() = start + Duration::from_secs(model.now);
                     }
-                    Op::Expire => {
+                    Step::Expire => {
                         model.expire();
                         store.expire();
                     }

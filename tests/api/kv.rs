@@ -347,3 +347,69 @@ async fn list_pages_through_a_prefix_in_key_order() {
     assert_eq!(status.code(), Code::InvalidArgument);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_batch_applies_its_ops_in_order_and_publishes_each_change() {
+    use kvstore::pb::{BatchOp, BatchRequest, batch_op::Op, batch_result::Result as R};
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    let mut events = client
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let op = |op| BatchOp { op: Some(op) };
+    let ops = vec![
+        op(Op::Set(set("a", "1"))),
+        op(Op::Set(guarded("b", "2", 0))),
+        op(Op::Set(guarded("a", "3", 9))),
+        op(Op::Get(get("a"))),
+        op(Op::Delete(delete("b", None))),
+    ];
+    let reply = client
+        .batch(BatchRequest { ops })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.revision, 3);
+    let results: Vec<R> = reply
+        .results
+        .into_iter()
+        .map(|r| r.result.unwrap())
+        .collect();
+    assert!(matches!(&results[0], R::Set(s) if s.revision == 1));
+    assert!(matches!(&results[1], R::Set(s) if s.revision == 2));
+    assert!(
+        matches!(&results[2], R::Conflict(c) if c.mod_revision == 1 && c.message.contains("expected 9"))
+    );
+    assert!(matches!(&results[3], R::Get(g) if g.value == "1" && g.found));
+    assert!(matches!(&results[4], R::Delete(d) if d.deleted && d.revision == 3));
+    for revision in 1..=3 {
+        assert_eq!(events.message().await.unwrap().unwrap().revision, revision);
+    }
+
+    // One invalid op refuses the whole batch, naming it; nothing is applied.
+    let ops = vec![op(Op::Set(set("c", "1"))), op(Op::Set(set("", "1")))];
+    let status = client.batch(BatchRequest { ops }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("op 1: key must not be empty"),
+        "{}",
+        status.message()
+    );
+    let empty = vec![BatchOp { op: None }];
+    let status = client.batch(BatchRequest { ops: empty }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let too_many = vec![op(Op::Get(get("a"))); 10_001];
+    let status = client
+        .batch(BatchRequest { ops: too_many })
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("limits.max_batch_ops"),
+        "{}",
+        status.message()
+    );
+    assert!(!client.get(get("c")).await.unwrap().into_inner().found);
+    server.shutdown().await;
+}
