@@ -1,27 +1,35 @@
 //! The `kvstore-client` binary, run as a process against an in-process server: its output
-//! formats, its exit codes, the original Go client's flags, and subscriptions.
+//! formats, its exit codes, the original Go client's flags, guarded writes, listing, and
+//! subscriptions (replayed, with a snapshot, and resumed after a lag or a lost connection).
 
 use std::{
     ffi::OsStr,
     net::{SocketAddr, TcpListener},
+    ops::RangeInclusive,
     process::{ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use kvstore::pb::{self, key_value_store_client::KeyValueStoreClient};
+use kvstore::{
+    pb::{self, key_value_store_client::KeyValueStoreClient},
+    store::SetOptions,
+};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader, Lines},
+    io::{AsyncBufReadExt, AsyncRead, BufReader, Lines, copy_bidirectional},
+    net::TcpStream,
     process::{Child, ChildStderr, ChildStdout, Command},
+    task::JoinHandle,
     time::timeout,
 };
 use tonic::transport::Channel;
 
-use crate::helpers::{PATIENCE, spawn_server};
+use crate::helpers::{PATIENCE, TestServer, spawn_server, spawn_with, test_settings};
 
 fn kvstore_client<I, S>(args: I) -> Command
 where
@@ -100,6 +108,22 @@ impl Subscriber {
         next_line(&mut self.stdout).await
     }
 
+    /// The next line on stderr: progress, or a note about resuming.
+    async fn next_note(&mut self) -> String {
+        next_line(&mut self.stderr).await
+    }
+
+    /// The next event line without its time, which `split_time` checks.
+    async fn next_change(&mut self) -> String {
+        split_time(self.next_event().await).1
+    }
+
+    /// Proves no further event arrives.
+    async fn assert_no_more_events(&mut self) {
+        let next = timeout(Duration::from_millis(200), self.stdout.next_line()).await;
+        assert!(next.is_err(), "unexpected output: {next:?}");
+    }
+
     async fn exit_status(&mut self) -> ExitStatus {
         timeout(PATIENCE, self.child.wait())
             .await
@@ -143,14 +167,49 @@ fn split_time(line: String) -> (SystemTime, String) {
     (time, rest.to_owned())
 }
 
-async fn set(client: &mut KeyValueStoreClient<Channel>, key: &str, value: &str) {
+/// `#12 SET user:1 = Alice` -> (12, `SET user:1 = Alice`).
+fn split_revision(change: &str) -> (i64, &str) {
+    let (revision, rest) = change
+        .strip_prefix('#')
+        .and_then(|change| change.split_once(' '))
+        .unwrap_or_else(|| panic!("a change starts with #revision: {change:?}"));
+    (revision.parse().expect("the revision is a number"), rest)
+}
+
+/// Sets through the gRPC client and returns the revision it produced.
+async fn set(client: &mut KeyValueStoreClient<Channel>, key: &str, value: &str) -> i64 {
     client
         .set(pb::SetRequest {
             key: key.into(),
             value: value.into(),
+            ..Default::default()
         })
         .await
-        .expect("set through the gRPC client");
+        .expect("set through the gRPC client")
+        .into_inner()
+        .revision
+}
+
+async fn delete(client: &mut KeyValueStoreClient<Channel>, key: &str) {
+    client
+        .delete(pb::DeleteRequest {
+            key: key.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete through the gRPC client");
+}
+
+/// Writes `key:{i:04} = {i}` for each `i` straight into the store; on a fresh server, each at
+/// revision `i`. A test runs on one thread, so the server forwards none of these changes
+/// before the burst ends: a subscriber with a small buffer lags.
+fn burst(server: &TestServer, revisions: RangeInclusive<i64>) {
+    for i in revisions {
+        server
+            .store
+            .set(format!("key:{i:04}"), i.to_string(), SetOptions::default())
+            .expect("an unguarded set");
+    }
 }
 
 fn json_line(stdout: &str) -> Value {
@@ -161,17 +220,18 @@ fn json_line(stdout: &str) -> Value {
 }
 
 #[tokio::test]
-async fn set_then_get_prints_the_value() {
+async fn set_then_get_prints_the_value_and_its_revisions() {
     let server = spawn_server().await;
 
     let set = run_client(server.grpc_addr, &["set", "user:1", "Alice"]).await;
     assert!(set.status.success(), "{}", set.stderr);
-    assert!(set.stdout.starts_with("OK"), "{:?}", set.stdout);
-    assert_eq!(set.stdout.lines().count(), 1);
+    assert_eq!(set.stdout, "OK: stored at revision 1\n");
+    let set = run_client(server.grpc_addr, &["set", "user:1", "Alicia"]).await;
+    assert_eq!(set.stdout, "OK: stored at revision 2\n");
 
     let get = run_client(server.grpc_addr, &["get", "user:1"]).await;
     assert!(get.status.success(), "{}", get.stderr);
-    assert_eq!(get.stdout, "user:1 = Alice\n");
+    assert_eq!(get.stdout, "user:1 = Alicia  (revision 2, version 2)\n");
     assert_eq!(get.stderr, "");
 
     server.shutdown().await;
@@ -187,16 +247,17 @@ async fn set_then_get_with_json_output_prints_one_object_per_line() {
     )
     .await;
     assert!(set.status.success(), "{}", set.stderr);
-    let set = json_line(&set.stdout);
-    assert_eq!(set["key"], "user:1");
-    assert_eq!(set["success"], true);
-    assert!(set["message"].is_string());
+    assert_eq!(
+        json_line(&set.stdout),
+        json!({"key": "user:1", "success": true, "message": "stored at revision 1", "revision": 1})
+    );
 
     let get = run_client(server.grpc_addr, &["get", "user:1", "--output=json"]).await;
     assert!(get.status.success(), "{}", get.stderr);
     assert_eq!(
         get.stdout,
-        "{\"key\":\"user:1\",\"value\":\"Alice\",\"found\":true}\n"
+        "{\"key\":\"user:1\",\"value\":\"Alice\",\"found\":true,\"create_revision\":1,\
+         \"mod_revision\":1,\"version\":1,\"ttl_ms\":0,\"revision\":1}\n"
     );
 
     server.shutdown().await;
@@ -215,7 +276,10 @@ async fn get_of_a_missing_key_exits_1() {
     assert_eq!(json.status.code(), Some(1));
     assert_eq!(
         json_line(&json.stdout),
-        json!({"key": "user:404", "value": "", "found": false})
+        json!({
+            "key": "user:404", "value": "", "found": false, "create_revision": 0,
+            "mod_revision": 0, "version": 0, "ttl_ms": 0, "revision": 0
+        })
     );
 
     server.shutdown().await;
@@ -268,6 +332,22 @@ async fn a_usage_error_exits_2() {
         &["--server", "https://localhost:50051", "health"],
         &["-op=delete", "-key=user:1"],
         &["-op=get"],
+        &[
+            "set",
+            "user:1",
+            "Alice",
+            "--if-revision",
+            "1",
+            "--if-absent",
+        ],
+        &["set", "user:1", "Alice", "--if-revision", "-1"],
+        &["set", "user:1", "Alice", "--ttl", "0s"],
+        &["set", "user:1", "Alice", "--ttl", "soon"],
+        &["delete"],
+        &["list", "--limit", "0"],
+        &["subscribe", "user:", "--initial", "--from-revision", "1"],
+        &["subscribe", "user:", "--from-revision", "0"],
+        &["subscribe", "user:", "--progress", "0ms"],
     ] {
         let out = run(kvstore_client(args)).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", out.stderr);
@@ -300,7 +380,7 @@ async fn the_go_client_flags_set_and_get() {
     ]))
     .await;
     assert!(get.status.success(), "{}", get.stderr);
-    assert_eq!(get.stdout, "user:1 = Alice\n");
+    assert_eq!(get.stdout, "user:1 = Alice  (revision 1, version 1)\n");
 
     let missing = run(kvstore_client([
         &format!("--server={addr}"),
@@ -326,8 +406,7 @@ async fn the_go_client_flags_subscribe() {
 
     set(&mut client, "user:1", "Alice").await;
 
-    let (_, event) = split_time(subscriber.next_event().await);
-    assert_eq!(event, "SET user:1 = Alice");
+    assert_eq!(subscriber.next_change().await, "#1 SET user:1 = Alice");
 
     drop(subscriber);
     server.shutdown().await;
@@ -345,16 +424,17 @@ async fn subscribe_prints_each_change_to_a_matching_key() {
     set(&mut client, "users", "not a match").await;
     set(&mut client, "user:1", "Alice").await;
     set(&mut client, "user:1", "").await;
+    delete(&mut client, "user:1").await;
 
     let (time, event) = split_time(subscriber.next_event().await);
-    assert_eq!(event, "SET user:1 = Alice");
+    assert_eq!(event, "#2 SET user:1 = Alice");
     // Millisecond precision: allow the truncation.
     assert!(
         time + Duration::from_millis(1) >= before,
         "{time:?} < {before:?}"
     );
-    let (_, event) = split_time(subscriber.next_event().await);
-    assert_eq!(event, "SET user:1 = ");
+    assert_eq!(subscriber.next_change().await, "#3 SET user:1 = ");
+    assert_eq!(subscriber.next_change().await, "#4 DELETE user:1");
 
     drop(subscriber);
     server.shutdown().await;
@@ -375,6 +455,9 @@ async fn subscribe_with_json_output_prints_one_object_per_event() {
     assert_eq!(event["type"], "SET");
     assert_eq!(event["key"], "user:1");
     assert_eq!(event["value"], "Alice");
+    assert_eq!(event["revision"], 1);
+    assert_eq!(event["expired"], false);
+    assert_eq!(event["initial"], false);
     let timestamp = event["timestamp"].as_u64().expect("timestamp is Unix ms");
     let time = humantime::parse_rfc3339(event["time"].as_str().expect("time is a string"))
         .expect("time is RFC 3339");
@@ -456,4 +539,621 @@ async fn the_server_address_can_be_a_url_or_come_from_kvstore_endpoint() {
     assert_eq!(env.stdout, "SERVING\n");
 
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_help_lists_every_exit_code() {
+    let help = run(kvstore_client(["--help"])).await;
+    assert!(help.status.success(), "{}", help.stderr);
+    for code in [
+        "0  success",
+        "1  get, delete",
+        "2  usage",
+        "3  the server",
+        "4  set, delete",
+    ] {
+        assert!(help.stdout.contains(code), "{code:?} in {}", help.stdout);
+    }
+}
+
+#[tokio::test]
+async fn delete_removes_the_key_and_prints_its_last_revision() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    set(&mut client, "user:1", "Alice").await;
+    set(&mut client, "user:1", "Alicia").await;
+    set(&mut client, "user:2", "Bob").await;
+
+    let text = run_client(server.grpc_addr, &["delete", "user:1"]).await;
+    assert!(text.status.success(), "{}", text.stderr);
+    assert_eq!(text.stdout, "deleted user:1 (was at revision 2)\n");
+    assert_eq!(text.stderr, "");
+    let get = run_client(server.grpc_addr, &["get", "user:1"]).await;
+    assert_eq!(get.status.code(), Some(1));
+
+    let json = run_client(server.grpc_addr, &["--output", "json", "delete", "user:2"]).await;
+    assert!(json.status.success(), "{}", json.stderr);
+    assert_eq!(
+        json_line(&json.stdout),
+        json!({"key": "user:2", "deleted": true, "prev_mod_revision": 3, "revision": 5})
+    );
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn delete_of_a_missing_key_exits_1() {
+    let server = spawn_server().await;
+
+    let text = run_client(server.grpc_addr, &["delete", "user:404"]).await;
+    assert_eq!(text.status.code(), Some(1));
+    assert_eq!(text.stdout, "");
+    assert_eq!(text.stderr, "kvstore-client: key \"user:404\" not found\n");
+
+    let json = run_client(
+        server.grpc_addr,
+        &["delete", "user:404", "--output", "json"],
+    )
+    .await;
+    assert_eq!(json.status.code(), Some(1));
+    assert_eq!(
+        json_line(&json.stdout),
+        json!({"key": "user:404", "deleted": false, "prev_mod_revision": 0, "revision": 0})
+    );
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_delete_guarded_by_another_revision_exits_4_and_keeps_the_key() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    let revision = set(&mut client, "user:1", "Alice").await;
+
+    let stale = (revision + 1).to_string();
+    let refused = run_client(
+        server.grpc_addr,
+        &["delete", "user:1", "--if-revision", &stale],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(4), "{}", refused.stderr);
+    assert_eq!(refused.stdout, "");
+    assert_eq!(refused.stderr.lines().count(), 1, "{:?}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .starts_with("kvstore-client: delete failed: FAILED_PRECONDITION: "),
+        "{:?}",
+        refused.stderr
+    );
+    let get = run_client(server.grpc_addr, &["get", "user:1"]).await;
+    assert!(get.status.success(), "{}", get.stderr);
+
+    let current = revision.to_string();
+    let deleted = run_client(
+        server.grpc_addr,
+        &["delete", "user:1", "--if-revision", &current],
+    )
+    .await;
+    assert!(deleted.status.success(), "{}", deleted.stderr);
+    assert_eq!(deleted.stdout, "deleted user:1 (was at revision 1)\n");
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn set_if_absent_stores_only_the_first_time() {
+    let server = spawn_server().await;
+
+    let first = run_client(server.grpc_addr, &["set", "lock", "me", "--if-absent"]).await;
+    assert!(first.status.success(), "{}", first.stderr);
+    assert_eq!(first.stdout, "OK: stored at revision 1\n");
+
+    let second = run_client(server.grpc_addr, &["set", "lock", "you", "--if-absent"]).await;
+    assert_eq!(second.status.code(), Some(4), "{}", second.stderr);
+    assert_eq!(second.stdout, "");
+    assert_eq!(second.stderr.lines().count(), 1, "{:?}", second.stderr);
+    assert!(
+        second
+            .stderr
+            .starts_with("kvstore-client: set failed: FAILED_PRECONDITION: "),
+        "{:?}",
+        second.stderr
+    );
+
+    let get = run_client(server.grpc_addr, &["get", "lock"]).await;
+    assert_eq!(get.stdout, "lock = me  (revision 1, version 1)\n");
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn set_if_revision_stores_only_over_that_revision() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    set(&mut client, "counter", "1").await;
+    set(&mut client, "other", "x").await;
+
+    let stale = run_client(
+        server.grpc_addr,
+        &["set", "counter", "2", "--if-revision", "2"],
+    )
+    .await;
+    assert_eq!(stale.status.code(), Some(4), "{}", stale.stderr);
+    // The server's message names the key's current revision, so the user can retry.
+    assert!(stale.stderr.contains('1'), "{:?}", stale.stderr);
+
+    let current = run_client(
+        server.grpc_addr,
+        &[
+            "--output",
+            "json",
+            "set",
+            "counter",
+            "2",
+            "--if-revision",
+            "1",
+        ],
+    )
+    .await;
+    assert!(current.status.success(), "{}", current.stderr);
+    assert_eq!(json_line(&current.stdout)["revision"], 3);
+
+    let get = run_client(server.grpc_addr, &["get", "counter"]).await;
+    assert_eq!(get.stdout, "counter = 2  (revision 3, version 2)\n");
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn get_shows_when_a_key_set_with_a_ttl_expires() {
+    let server = spawn_server().await;
+
+    let set = run_client(
+        server.grpc_addr,
+        &["set", "session:1", "token", "--ttl", "1h"],
+    )
+    .await;
+    assert!(set.status.success(), "{}", set.stderr);
+
+    let text = run_client(server.grpc_addr, &["get", "session:1"]).await;
+    assert_eq!(
+        text.stdout,
+        "session:1 = token  (revision 1, version 1, expires in 1h)\n"
+    );
+    let json = run_client(server.grpc_addr, &["get", "session:1", "--output", "json"]).await;
+    let ttl_ms = json_line(&json.stdout)["ttl_ms"]
+        .as_i64()
+        .expect("ttl_ms is a number");
+    assert!((3_590_000..=3_600_000).contains(&ttl_ms), "{ttl_ms}");
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_set_with_a_short_ttl_expires_with_a_delete_event() {
+    let server = spawn_server().await;
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client(["--server", &addr, "subscribe", "session:"]);
+    let mut subscriber = Subscriber::start(command, "session:").await;
+
+    let set = run_client(
+        server.grpc_addr,
+        &["set", "session:1", "token", "--ttl", "200ms"],
+    )
+    .await;
+    assert!(set.status.success(), "{}", set.stderr);
+
+    assert_eq!(subscriber.next_change().await, "#1 SET session:1 = token");
+    assert_eq!(
+        subscriber.next_change().await,
+        "#2 DELETE session:1 (expired)"
+    );
+    let get = run_client(server.grpc_addr, &["get", "session:1"]).await;
+    assert_eq!(get.status.code(), Some(1));
+
+    drop(subscriber);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_prints_the_keys_under_a_prefix_in_key_order() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    for (key, value) in [
+        ("user:2", "Bob"),
+        ("user:10", "Ten"),
+        ("users", "not under user:"),
+        ("user:1", "Alice"),
+        ("other", "x"),
+    ] {
+        set(&mut client, key, value).await;
+    }
+
+    let users = run_client(server.grpc_addr, &["list", "user:"]).await;
+    assert!(users.status.success(), "{}", users.stderr);
+    assert_eq!(
+        users.stdout,
+        "user:1 = Alice\nuser:10 = Ten\nuser:2 = Bob\n"
+    );
+    assert_eq!(users.stderr, "");
+
+    let all = run_client(server.grpc_addr, &["list", ""]).await;
+    let keys: Vec<&str> = all
+        .stdout
+        .lines()
+        .map(|line| line.split_once(" = ").expect("key = value").0)
+        .collect();
+    assert_eq!(keys, ["other", "user:1", "user:10", "user:2", "users"]);
+    let default = run_client(server.grpc_addr, &["list"]).await;
+    assert_eq!(default.stdout, all.stdout, "no prefix lists every key");
+
+    let json = run_client(
+        server.grpc_addr,
+        &["--output", "json", "list", "user:", "--limit", "1"],
+    )
+    .await;
+    assert!(json.status.success(), "{}", json.stderr);
+    assert_eq!(
+        json_line(&json.stdout),
+        json!({
+            "key": "user:1", "value": "Alice", "create_revision": 4, "mod_revision": 4,
+            "version": 1, "ttl_ms": 0
+        })
+    );
+
+    let none = run_client(server.grpc_addr, &["list", "nobody:"]).await;
+    assert!(none.status.success(), "{}", none.stderr);
+    assert_eq!(none.stdout, "");
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_pages_through_every_key_or_stops_at_the_limit() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    // Two and a half of the client's 1000-key pages, plus a key outside the prefix.
+    const KEYS: usize = 2500;
+    for i in 0..KEYS {
+        set(&mut client, &format!("key:{i:04}"), &i.to_string()).await;
+    }
+    set(&mut client, "other", "x").await;
+    let expected: Vec<String> = (0..KEYS).map(|i| format!("key:{i:04} = {i}")).collect();
+
+    let all = run_client(server.grpc_addr, &["list", "key:"]).await;
+    assert!(all.status.success(), "{}", all.stderr);
+    assert_eq!(all.stdout.lines().collect::<Vec<_>>(), expected);
+
+    let limited = run_client(server.grpc_addr, &["list", "key:", "--limit", "1500"]).await;
+    assert!(limited.status.success(), "{}", limited.stderr);
+    assert_eq!(limited.stdout.lines().collect::<Vec<_>>(), expected[..1500]);
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_from_a_revision_replays_the_changes_since_then_continues_live() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    set(&mut client, "user:1", "Alice").await;
+    set(&mut client, "user:2", "Bob").await;
+    delete(&mut client, "user:1").await;
+    set(&mut client, "other", "x").await;
+
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client([
+        "--server",
+        &addr,
+        "subscribe",
+        "user:",
+        "--from-revision",
+        "2",
+    ]);
+    let mut subscriber = Subscriber::start(command, "user:").await;
+    assert_eq!(subscriber.next_change().await, "#2 SET user:2 = Bob");
+    assert_eq!(subscriber.next_change().await, "#3 DELETE user:1");
+
+    set(&mut client, "user:3", "Carol").await;
+    assert_eq!(subscriber.next_change().await, "#5 SET user:3 = Carol");
+
+    drop(subscriber);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_initial_prints_the_current_values_then_live_changes() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    set(&mut client, "user:1", "Alice").await;
+    set(&mut client, "other", "x").await;
+    set(&mut client, "user:2", "Bob").await;
+    set(&mut client, "user:1", "Alicia").await;
+
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client(["--server", &addr, "subscribe", "user:", "--initial"]);
+    let mut subscriber = Subscriber::start(command, "user:").await;
+    // In revision order, each key once with its current value.
+    assert_eq!(
+        subscriber.next_change().await,
+        "#3 SET user:2 = Bob (initial)"
+    );
+    assert_eq!(
+        subscriber.next_change().await,
+        "#4 SET user:1 = Alicia (initial)"
+    );
+    // The snapshot's end, on stderr with the other notes.
+    assert_eq!(subscriber.next_note().await, "at revision 4");
+
+    set(&mut client, "user:3", "Carol").await;
+    assert_eq!(subscriber.next_change().await, "#5 SET user:3 = Carol");
+
+    drop(subscriber);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_with_json_output_prints_the_snapshot_and_progress_as_objects() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    set(&mut client, "user:1", "Alice").await;
+
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client([
+        "--server",
+        &addr,
+        "--output",
+        "json",
+        "subscribe",
+        "user:",
+        "--initial",
+    ]);
+    let mut subscriber = Subscriber::start(command, "user:").await;
+    let initial: Value =
+        serde_json::from_str(&subscriber.next_event().await).expect("the event is JSON");
+    assert_eq!(initial["type"], "SET");
+    assert_eq!(initial["key"], "user:1");
+    assert_eq!(initial["revision"], 1);
+    assert_eq!(initial["initial"], true);
+    assert_eq!(initial["expired"], false);
+    let progress: Value =
+        serde_json::from_str(&subscriber.next_event().await).expect("the event is JSON");
+    assert_eq!(progress, json!({"type": "PROGRESS", "revision": 1}));
+
+    drop(subscriber);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_with_progress_reports_the_revision_when_the_stream_is_idle() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    set(&mut client, "user:1", "Alice").await;
+    set(&mut client, "other", "x").await;
+
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client([
+        "--server",
+        &addr,
+        "subscribe",
+        "user:",
+        "--progress",
+        "100ms",
+    ]);
+    let mut subscriber = Subscriber::start(command, "user:").await;
+    // Every change up to the store's revision has been delivered: none matched.
+    assert_eq!(subscriber.next_note().await, "at revision 2");
+
+    set(&mut client, "user:2", "Bob").await;
+    assert_eq!(subscriber.next_change().await, "#3 SET user:2 = Bob");
+    assert_eq!(subscriber.next_note().await, "at revision 3");
+
+    drop(subscriber);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_without_resume_exits_3_when_it_falls_behind() {
+    let mut settings = test_settings();
+    settings.subscriptions.buffer = 1;
+    let server = spawn_with(settings).await;
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client(["--server", &addr, "subscribe", "key:"]);
+    let mut subscriber = Subscriber::start(command, "key:").await;
+
+    burst(&server, 1..=100);
+
+    assert_eq!(subscriber.exit_status().await.code(), Some(3));
+    let stderr = subscriber.rest_of_stderr().await;
+    assert!(
+        stderr
+            .starts_with("kvstore-client: subscription ended by the server: RESOURCE_EXHAUSTED: "),
+        "{stderr:?}"
+    );
+    assert!(stderr.contains("fell behind"), "{stderr:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_resume_continues_after_a_lag_with_every_revision_once() {
+    let mut settings = test_settings();
+    settings.subscriptions.buffer = 1;
+    let server = spawn_with(settings).await;
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client(["--server", &addr, "subscribe", "key:", "--resume"]);
+    let mut subscriber = Subscriber::start(command, "key:").await;
+
+    // The first change is delivered, so the client knows where it stands before it lags.
+    burst(&server, 1..=1);
+    assert_eq!(subscriber.next_change().await, "#1 SET key:0001 = 1");
+    const WRITES: i64 = 500;
+    burst(&server, 2..=WRITES);
+
+    let mut revisions = vec![1];
+    while revisions.len() < WRITES as usize {
+        let change = subscriber.next_change().await;
+        let (revision, event) = split_revision(&change);
+        assert_eq!(event, format!("SET key:{revision:04} = {revision}"));
+        revisions.push(revision);
+    }
+    assert_eq!(
+        revisions,
+        (1..=WRITES).collect::<Vec<_>>(),
+        "every revision exactly once, in order"
+    );
+    subscriber.assert_no_more_events().await;
+    let note = subscriber.next_note().await;
+    assert!(
+        note.starts_with("kvstore-client: resuming from revision 2 after: RESOURCE_EXHAUSTED: "),
+        "{note:?}"
+    );
+
+    drop(subscriber);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_resume_continues_after_a_lost_connection() {
+    let server = spawn_server().await;
+    let mut client = server.client().await;
+    let proxy = Proxy::start(server.grpc_addr).await;
+    let command = kvstore_client([
+        "--server",
+        &proxy.addr.to_string(),
+        "subscribe",
+        "user:",
+        "--resume",
+    ]);
+    let mut subscriber = Subscriber::start(command, "user:").await;
+    set(&mut client, "user:1", "Alice").await;
+    assert_eq!(subscriber.next_change().await, "#1 SET user:1 = Alice");
+
+    proxy.cut().await;
+    // Made while the client is disconnected: it must be replayed.
+    set(&mut client, "user:2", "Bob").await;
+
+    let note = subscriber.next_note().await;
+    assert!(
+        note.starts_with("kvstore-client: resuming from revision 2 after: "),
+        "{note:?}"
+    );
+    assert_eq!(subscriber.next_change().await, "#2 SET user:2 = Bob");
+    set(&mut client, "user:3", "Carol").await;
+    assert_eq!(subscriber.next_change().await, "#3 SET user:3 = Carol");
+
+    drop(subscriber);
+    drop(proxy);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_resume_exits_3_when_the_history_it_needs_is_compacted() {
+    let mut settings = test_settings();
+    settings.subscriptions.buffer = 1;
+    settings.history.max_events = 10;
+    let server = spawn_with(settings).await;
+    let addr = server.grpc_addr.to_string();
+    let command = kvstore_client(["--server", &addr, "subscribe", "key:", "--resume"]);
+    let mut subscriber = Subscriber::start(command, "key:").await;
+
+    burst(&server, 1..=100);
+
+    assert_eq!(subscriber.exit_status().await.code(), Some(3));
+    let stderr = subscriber.rest_of_stderr().await;
+    let mut notes = stderr.lines();
+    let resuming = notes.next().expect("a note about resuming");
+    assert!(
+        resuming.starts_with("kvstore-client: resuming from revision "),
+        "{stderr:?}"
+    );
+    let failed = notes.next().expect("the reason resuming failed");
+    assert!(
+        failed.starts_with("kvstore-client: cannot subscribe from revision ")
+            && failed.contains(": OUT_OF_RANGE: ")
+            && failed.ends_with("re-run with --initial to start from the current values"),
+        "{stderr:?}"
+    );
+    assert_eq!(notes.next(), None, "{stderr:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_from_a_compacted_revision_exits_3_and_suggests_initial() {
+    let mut settings = test_settings();
+    settings.history.max_events = 10;
+    let server = spawn_with(settings).await;
+    burst(&server, 1..=100);
+
+    let out = run_client(
+        server.grpc_addr,
+        &["subscribe", "key:", "--from-revision", "1"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(out.stdout, "");
+    assert_eq!(out.stderr.lines().count(), 1, "{:?}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with("kvstore-client: cannot subscribe from revision 1: OUT_OF_RANGE: "),
+        "{:?}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--initial"), "{:?}", out.stderr);
+    server.shutdown().await;
+}
+
+/// A TCP proxy to a server whose open connections a test can cut, as a network failure would,
+/// while new connections still get through.
+struct Proxy {
+    addr: SocketAddr,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a free port");
+        let addr = listener.local_addr().expect("the port's address");
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let connections = Arc::clone(&connections);
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let copy = tokio::spawn(async move {
+                        let mut outbound = TcpStream::connect(target)
+                            .await
+                            .expect("connecting to the server");
+                        let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
+                    });
+                    connections.lock().unwrap().push(copy);
+                }
+            }
+        });
+        Proxy {
+            addr,
+            connections,
+            accept,
+        }
+    }
+
+    /// Closes every open connection, and returns once they are closed.
+    async fn cut(&self) {
+        let connections: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
+        for connection in connections {
+            connection.abort();
+            let _ = connection.await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
 }
