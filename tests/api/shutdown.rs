@@ -144,3 +144,90 @@ async fn after_shutdown_the_ports_are_closed() {
     server.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn a_unary_call_in_flight_when_shutdown_begins_still_completes() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::{Bytes, Frame};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use prost::Message;
+
+    let mut server = spawn_server().await;
+    let request = SetRequest {
+        key: "in-flight".into(),
+        value: "done".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut frame = vec![0];
+    frame.extend_from_slice(&u32::try_from(request.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&request);
+
+    // The body arrives in two halves; shutdown begins between them.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(2);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let call = http::Request::post(format!("{}/kvstore.KeyValueStore/Set", server.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let (first, second) = frame.split_at(frame.len() / 2);
+    tx.send(Ok(Frame::data(Bytes::copy_from_slice(first))))
+        .await
+        .unwrap();
+    let response = tokio::spawn(client.request(call));
+
+    let mut health = server.health_client().await;
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.next().await.unwrap().unwrap();
+    server.begin_shutdown();
+    let update = timeout(PATIENCE, watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        update.status(),
+        ServingStatus::NotServing,
+        "shutdown has begun"
+    );
+    // And the listener has closed: the drain is under way while the call is half sent.
+    timeout(PATIENCE, async {
+        while tokio::net::TcpStream::connect(server.grpc_addr)
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the listener closes");
+
+    tx.send(Ok(Frame::data(Bytes::copy_from_slice(second))))
+        .await
+        .unwrap();
+    drop(tx);
+    let response = timeout(PATIENCE, response).await.unwrap().unwrap().unwrap();
+    let mut body = response.into_body();
+    let mut grpc_status = None;
+    while let Some(frame) = body.frame().await {
+        if let Ok(trailers) = frame.unwrap().into_trailers() {
+            grpc_status = trailers.get("grpc-status").cloned();
+        }
+    }
+    assert_eq!(grpc_status.unwrap(), "0", "the call finished with OK");
+    let (stored, _) = server.store.get("in-flight");
+    assert_eq!(stored.unwrap().value.as_ref(), "done");
+    drop(watch);
+    server.stopped().await;
+}
