@@ -583,6 +583,8 @@ mod tests {
     #[test]
     fn each_layer_overrides_the_one_before() {
         Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
             jail.create_file(
                 "kv.toml",
                 "[server]\nlisten = \"127.0.0.1:1000\"\nhealth_listen = \"127.0.0.1:2000\"\n\
@@ -634,6 +636,8 @@ mod tests {
     #[test]
     fn the_config_file_can_be_named_by_environment() {
         Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
             jail.create_file("other.toml", "[limits]\nmax_key_bytes = 10\n")?;
             jail.set_env("KVSTORE_CONFIG", "other.toml");
             let s = load_in(jail, Flags::default()).unwrap().settings;
@@ -645,6 +649,8 @@ mod tests {
     #[test]
     fn legacy_ports_keep_the_configured_host() {
         Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
             jail.set_env("KVSTORE_SERVER__LISTEN", "[::1]:1");
             jail.set_env("KVSTORE_SERVER__HEALTH_LISTEN", "");
             jail.set_env("GRPC_PORT", "50052");
@@ -661,6 +667,8 @@ mod tests {
     #[test]
     fn without_a_config_file_the_defaults_apply() {
         Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
             // A kvstore.toml in the working directory is not read implicitly.
             jail.create_file("kvstore.toml", "[limits]\nmax_key_bytes = 10\n")?;
             let loaded = load_in(jail, Flags::default()).unwrap();
@@ -673,6 +681,8 @@ mod tests {
     #[test]
     fn unknown_environment_variables_are_ignored_and_named() {
         Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
             jail.set_env("KVSTORE_SERVER__LISTNE", "x");
             jail.set_env("KVSTORE_ENDPOINT", "localhost:1");
             jail.set_env("KVSTORE_SERVER", "x");
@@ -689,6 +699,8 @@ mod tests {
     #[test]
     fn each_bad_input_is_one_line_naming_the_key_and_its_source() {
         Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
             let with_file = |body: &str| -> Result<String, figment::Error> {
                 jail.create_file("bad.toml", body)?;
                 Ok(error_in(

@@ -6,5 +6,6 @@ mod client;
 mod health;
 mod helpers;
 mod kv;
+mod proxy;
 mod shutdown;
 mod subscribe;
