@@ -71,14 +71,15 @@ h2() {
   python3 -c "print(f'{$rps:.0f} {($t1-$t0)/$(getconf CLK_TCK)*1e6/$n:.1f} $p50')"
 }
 
-start() { # name port command...
-  local port=$2
+# start VAR PORT COMMAND...: runs COMMAND in the background, waits for PORT, and sets VAR to
+# its PID. Not a $(...) subshell, so the PID is recorded here for the cleanup trap.
+start() {
+  local var=$1 port=$2
   shift 2
   "$@" >"$work/$port.log" 2>&1 &
   pids+=($!)
+  printf -v "$var" '%s' "$!"
   wait_port "$port"
-  # The process that listens, which is what /proc is read for.
-  ss -ltnpH "sport = :$port" | grep -oP 'pid=\K[0-9]+' | head -1
 }
 
 row() { printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4"; }
@@ -88,8 +89,8 @@ echo
 echo "| what | req/s | server CPU µs/req | mean latency |"
 echo "| --- | --- | --- | --- |"
 
-kv=$(start kvstore 50551 "$server" --listen 127.0.0.1:50551 --health-listen "" --log-level info --log-format json)
-bare=$(start bare 50552 "$bench" bare-server --listen 127.0.0.1:50552)
+start kv 50551 "$server" --listen 127.0.0.1:50551 --health-listen "" --log-level info --log-format json
+start bare 50552 "$bench" bare-server --listen 127.0.0.1:50552
 for target in "kvstore $kv 50551" "bare tonic $bare 50552"; do
   read -r name pid port <<<"${target/bare tonic/bare_tonic}"
   for rpc in Get Set; do
@@ -102,10 +103,10 @@ for target in "kvstore $kv 50551" "bare tonic $bare 50552"; do
 done
 
 if command -v etcd >/dev/null; then
-  etcd_pid=$(start etcd 52379 etcd --data-dir "$work/etcd" --name bench \
+  start etcd_pid 52379 etcd --data-dir "$work/etcd" --name bench \
     --listen-client-urls http://127.0.0.1:52379 --advertise-client-urls http://127.0.0.1:52379 \
     --listen-peer-urls http://127.0.0.1:52380 --initial-advertise-peer-urls http://127.0.0.1:52380 \
-    --initial-cluster bench=http://127.0.0.1:52380 --log-level error)
+    --initial-cluster bench=http://127.0.0.1:52380 --log-level error
   h2 "$etcd_pid" 52379 /etcdserverpb.KV/Put set.bin 4 32 >/dev/null # the key must exist
   read -r rps cpu p50 < <(h2 "$etcd_pid" 52379 /etcdserverpb.KV/Range range.bin 4 32)
   row "etcd $(etcd --version | head -1 | awk '{print $3}') serializable Range, 4 x 32" "$rps" "$cpu" "$p50"
@@ -116,7 +117,7 @@ else
 fi
 
 if command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null; then
-  redis_pid=$(start redis 56390 redis-server --port 56390 --bind 127.0.0.1 --save "" --appendonly no)
+  start redis_pid 56390 redis-server --port 56390 --bind 127.0.0.1 --save "" --appendonly no
   for pipeline in 1 16; do
     out=$(redis-benchmark -p 56390 -t get,set -n "$((requests * 2))" -c 128 -P "$pipeline" -d 64 -q 2>/dev/null | tr '\r' '\n')
     for op in GET SET; do
@@ -136,13 +137,13 @@ echo "Batch path (kvstore-bench batch, 100 ops per call, 90% gets):"
 echo
 echo "Memory: 1,000,000 keys of 16 bytes with 64-byte values (RSS after loading, default settings):"
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-mem=$(start kvstore-memory 50553 "$server" --listen 127.0.0.1:50553 --health-listen "" --log-level warn)
+start mem 50553 "$server" --listen 127.0.0.1:50553 --health-listen "" --log-level warn
 before=$(rss_kib "$mem")
 "$bench" load-keys --server 127.0.0.1:50553 --keys 1000000 --key-size 16 --value-size 64 >/dev/null 2>&1
 after=$(rss_kib "$mem")
 echo "    kvstore: $((after / 1024)) MiB RSS ($(( (after - before) * 1024 / 1000000 )) bytes per key above the empty server's $((before / 1024)) MiB)"
 if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
-  redis_mem=$(start redis-memory 56391 redis-server --port 56391 --bind 127.0.0.1 --save "" --appendonly no)
+  start redis_mem 56391 redis-server --port 56391 --bind 127.0.0.1 --save "" --appendonly no
   before=$(rss_kib "$redis_mem")
   python3 -c '
 import sys
