@@ -12,6 +12,10 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 use tokio::sync::mpsc;
 
+/// A key as the store holds it: inline up to 24 bytes, so the map's comparisons read the
+/// key in place instead of following a pointer per comparison.
+pub type Key = compact_str::CompactString;
+
 /// What happened to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -28,8 +32,9 @@ pub enum ChangeKind {
 pub struct Change {
     /// What happened.
     pub kind: ChangeKind,
-    /// The key that changed.
-    pub key: Arc<str>,
+    /// The key that changed. Short keys (up to 24 bytes) are stored inline, so copying one
+    /// into a change costs no allocation.
+    pub key: Key,
     /// The new value; empty for a delete or an expiry.
     pub value: Arc<str>,
     /// The store revision of this change.

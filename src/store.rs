@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::config::{HistorySettings, SubscriptionSettings};
-use crate::pubsub::{Change, ChangeKind, Event, Hub, Subscription, TooManySubscriptions};
+use crate::pubsub::{Change, ChangeKind, Event, Hub, Key, Subscription, TooManySubscriptions};
 
 /// A handle to the shared store; clones share the same data.
 ///
@@ -27,11 +27,11 @@ pub struct Store {
 }
 
 struct State {
-    map: BTreeMap<Arc<str>, Entry>,
+    map: BTreeMap<Key, Entry>,
     revision: u64,
     history: History,
     /// Keys with a TTL, by deadline, so expiry never scans the map.
-    expiry: BTreeSet<(Instant, Arc<str>)>,
+    expiry: BTreeSet<(Instant, Key)>,
 }
 
 struct Entry {
@@ -46,7 +46,7 @@ struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
     /// The key.
-    pub key: Arc<str>,
+    pub key: Key,
     /// Its value.
     pub value: Arc<str>,
     /// The revision that created the key.
@@ -432,7 +432,7 @@ impl State {
                 entry.version + 1,
                 entry.expires_at,
             ),
-            None => (Arc::from(key), revision, 1, None),
+            None => (Key::from(key), revision, 1, None),
         };
         let value: Arc<str> = Arc::from(value);
         if let Some(at) = old_deadline {
@@ -493,7 +493,7 @@ impl State {
         self.history.push(change);
     }
 
-    fn remove(&mut self, key: Arc<str>, entry: Entry, kind: ChangeKind, hub: &Hub) -> u64 {
+    fn remove(&mut self, key: Key, entry: Entry, kind: ChangeKind, hub: &Hub) -> u64 {
         if let Some(at) = entry.expires_at {
             self.expiry.remove(&(at, key.clone()));
         }
@@ -558,7 +558,7 @@ impl Entry {
         self.expires_at.is_none_or(|at| at > now)
     }
 
-    fn to_key_value(&self, key: &Arc<str>, now: Instant) -> KeyValue {
+    fn to_key_value(&self, key: &Key, now: Instant) -> KeyValue {
         KeyValue {
             key: key.clone(),
             value: self.value.clone(),
