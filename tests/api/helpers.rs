@@ -13,8 +13,11 @@ use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::store::Store;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::Streaming;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 /// How long any one wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -102,6 +105,23 @@ impl TestServer {
 
     pub async fn health_client(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel().await)
+    }
+
+    /// A gRPC health Watch of the whole server, after its first update, which must say
+    /// SERVING. The stream reports each later change, and never ends by itself.
+    pub async fn watch_health(&self) -> Streaming<HealthCheckResponse> {
+        let mut watch = self
+            .health_client()
+            .await
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("the health service answers Watch")
+            .into_inner();
+        let first = watch.message().await.unwrap().expect("a first update");
+        assert_eq!(first.status(), ServingStatus::Serving);
+        watch
     }
 
     /// Sends the shutdown signal; the server starts draining.

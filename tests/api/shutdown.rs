@@ -8,7 +8,6 @@ use kvstore::pb::{SetRequest, SubscribeRequest};
 use tokio::time::timeout;
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::helpers::{PATIENCE, http_get, spawn_server, spawn_with, test_settings};
@@ -20,18 +19,7 @@ async fn readiness_and_grpc_health_flip_first_while_requests_are_still_served() 
     settings.shutdown.drain_delay = Duration::from_secs(1);
     let mut server = spawn_with(settings).await;
     let mut client = server.client().await;
-    let mut health = server.health_client().await;
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status(),
-        ServingStatus::Serving
-    );
+    let mut watch = server.watch_health().await;
 
     server.begin_shutdown();
     let update = timeout(PATIENCE, watch.next())
@@ -111,15 +99,7 @@ async fn the_drain_deadline_closes_connections_that_never_finish() {
     settings.shutdown.drain_timeout = Duration::from_millis(300);
     let server = spawn_with(settings).await;
     // A health Watch stream never ends by itself, so only the deadline can close it.
-    let mut health = server.health_client().await;
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    watch.next().await.unwrap().unwrap();
+    let mut watch = server.watch_health().await;
     let took = server.shutdown().await;
     assert!(
         took >= Duration::from_millis(300),
@@ -181,15 +161,7 @@ async fn a_unary_call_in_flight_when_shutdown_begins_still_completes() {
         .unwrap();
     let response = tokio::spawn(client.request(call));
 
-    let mut health = server.health_client().await;
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    watch.next().await.unwrap().unwrap();
+    let mut watch = server.watch_health().await;
     server.begin_shutdown();
     let update = timeout(PATIENCE, watch.next())
         .await
