@@ -57,12 +57,16 @@ const PRELOAD_BATCH: u64 = 1000;
 /// several calls per wake-up, up to this much late.
 const MIN_PACER_SLEEP: Duration = Duration::from_micros(50);
 
-/// How long all subscriptions of a fan-out run may take to get their response headers.
+/// How long all subscriptions of a run may take to get their response headers.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Subscribe calls opening at once. The server sheds calls past `server.max_in_flight` (1024
 /// by default) until they have their response headers, so 10,000 opened at once would fail.
 const SUBSCRIBE_AT_ONCE: usize = 256;
+
+/// Subscription streams per connection, by default: half the server's limit per connection
+/// (200 by default).
+const STREAMS_PER_CONNECTION: u32 = 100;
 
 /// How often the fan-out run checks whether every subscriber has caught up.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
@@ -189,6 +193,11 @@ struct UnaryArgs {
     /// Set every key of the key space before the run, so gets find their keys.
     #[arg(long)]
     preload: bool,
+
+    /// Subscriptions on prefixes no key of the run matches (`idle:N/`), open throughout it
+    /// on connections of their own: what subscribers cost calls they never see.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    idle_subscribers: u32,
 }
 
 #[derive(Debug, Args)]
@@ -235,7 +244,7 @@ struct FanoutArgs {
     value_size: usize,
 
     /// Subscription streams per connection (the server allows 200 by default).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
     streams_per_connection: u32,
 
     /// After the last write, how long to wait for subscribers to receive every event.
@@ -295,6 +304,21 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
     if args.preload {
         preload(&clients, workload.keys, &workload.value, PRELOAD_BATCH, 2).await?;
     }
+    // Every one is open (has its response headers) before the measured load starts.
+    let idle_patterns = (0..args.idle_subscribers)
+        .map(|i| format!("idle:{i}/"))
+        .collect();
+    let (_idle_clients, idle_streams) = subscribe_all(
+        &args.target.server,
+        idle_patterns,
+        STREAMS_PER_CONNECTION as usize,
+    )
+    .await?;
+    let stop_idle = CancellationToken::new();
+    let mut idle = JoinSet::new();
+    for (_, stream) in idle_streams {
+        idle.spawn(drain(stream, stop_idle.clone()));
+    }
     let cpu = CpuWatch::start(args.target.server_pid)?;
     let (end, limit) = args.load.bounds();
     let (schedule, pacer) = match args.rate {
@@ -320,6 +344,20 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
     let tally = Tally::merge_all(join_all(workers).await?);
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    // Before the idle subscriptions close, so that closing them is not counted.
+    let cpu = cpu.stop(tally.ops)?;
+    stop_idle.cancel();
+    let mut idle_ended = HashMap::new();
+    for code in join_all(idle).await?.into_iter().flatten() {
+        *idle_ended.entry(code).or_default() += 1;
+    }
+    if !idle_ended.is_empty() {
+        // The run measured fewer subscribers than it claims.
+        anyhow::bail!(
+            "idle subscriptions ended during the run: {}",
+            counts_row(&by_name(&idle_ended))
+        );
+    }
     let open_loop = match (args.rate, pacer) {
         (Some(rate), Some(pacer)) => Some(OpenLoopReport {
             rate,
@@ -334,6 +372,7 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
         connections: args.load.connections,
         concurrency: args.load.concurrency,
         workload: WorkloadReport::from(&args.mix),
+        idle_subscribers: Some(args.idle_subscribers),
         batch_size: None,
         open_loop,
         seconds,
@@ -342,7 +381,7 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
         ops_per_s: tally.ops as f64 / seconds,
         errors: by_name(&tally.errors),
         latency_us: Latency::of(&tally.latency),
-        cpu: cpu.stop(tally.ops)?,
+        cpu,
     })
 }
 
@@ -399,6 +438,7 @@ async fn batch(args: BatchArgs) -> anyhow::Result<CallReport> {
         connections: args.load.connections,
         concurrency: args.load.concurrency,
         workload: WorkloadReport::from(&args.mix),
+        idle_subscribers: None,
         batch_size: Some(args.batch_size),
         open_loop: None,
         seconds,
@@ -535,40 +575,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     // Contiguous blocks of subscribers share a prefix, and so mostly a connection too.
     let prefix_of = |subscriber: usize| subscriber * prefixes.len() / subscribers;
 
-    let clients = connect(
-        &args.target.server,
-        subscribers.div_ceil(per_connection) as u32,
-    )
-    .await?;
-    let mut opening = JoinSet::new();
-    let at_once = Arc::new(Semaphore::new(SUBSCRIBE_AT_ONCE));
-    for subscriber in 0..subscribers {
-        let mut client = clients[subscriber / per_connection].clone();
-        let key_pattern = prefixes[prefix_of(subscriber)].clone();
-        let at_once = at_once.clone();
-        opening.spawn(async move {
-            let _opening = at_once
-                .acquire()
-                .await
-                .expect("the semaphore is never closed");
-            let request = SubscribeRequest {
-                key_pattern,
-                ..SubscribeRequest::default()
-            };
-            // The call returns once the response headers arrive; from then on the server
-            // delivers every later write to the prefix (the Subscribe contract).
-            let stream = client.subscribe(request).await?.into_inner();
-            Ok::<_, Status>((subscriber, stream))
-        });
-    }
-    let opened = tokio::time::timeout(SUBSCRIBE_TIMEOUT, join_all(opening))
-        .await
-        .with_context(|| {
-            format!("subscriptions not open after {SUBSCRIBE_TIMEOUT:?}: too many streams per connection?")
-        })??
-        .into_iter()
-        .collect::<Result<Vec<_>, Status>>()
-        .context("subscribing")?;
+    let patterns = (0..subscribers)
+        .map(|subscriber| prefixes[prefix_of(subscriber)].clone())
+        .collect();
+    let (clients, opened) = subscribe_all(&args.target.server, patterns, per_connection).await?;
 
     let stop = CancellationToken::new();
     let bar = progress_bar(None, "events");
@@ -675,6 +685,62 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         delivery_latency_us: Latency::of(&latency),
         cpu: cpu.stop(delivered)?,
     })
+}
+
+/// Opens one subscription per key pattern, `per_connection` to each connection it opens, and
+/// returns once every one has its response headers: from then on the server delivers every
+/// later write to the prefix (the Subscribe contract). The streams come with their indices in
+/// `patterns`, and with the clients, which keep the connections open.
+async fn subscribe_all(
+    endpoint: &Endpoint,
+    patterns: Vec<String>,
+    per_connection: usize,
+) -> anyhow::Result<(Vec<Client>, Vec<(usize, Streaming<ChangeEvent>)>)> {
+    let clients = connect(endpoint, patterns.len().div_ceil(per_connection) as u32).await?;
+    let mut opening = JoinSet::new();
+    let at_once = Arc::new(Semaphore::new(SUBSCRIBE_AT_ONCE));
+    for (index, key_pattern) in patterns.into_iter().enumerate() {
+        let mut client = clients[index / per_connection].clone();
+        let at_once = at_once.clone();
+        opening.spawn(async move {
+            let _opening = at_once
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            let request = SubscribeRequest {
+                key_pattern,
+                ..SubscribeRequest::default()
+            };
+            // The call returns once the response headers arrive.
+            let stream = client.subscribe(request).await?.into_inner();
+            Ok::<_, Status>((index, stream))
+        });
+    }
+    let opened = tokio::time::timeout(SUBSCRIBE_TIMEOUT, join_all(opening))
+        .await
+        .with_context(|| {
+            format!("subscriptions not open after {SUBSCRIBE_TIMEOUT:?}: too many streams per connection?")
+        })??
+        .into_iter()
+        .collect::<Result<Vec<_>, Status>>()
+        .context("subscribing")?;
+    Ok((clients, opened))
+}
+
+/// Reads a subscription that expects no events until `stop`, so that anything the server
+/// does send is taken off the connection; returns how the stream ended if it ended first.
+async fn drain(mut stream: Streaming<ChangeEvent>, stop: CancellationToken) -> Option<Code> {
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled() => return None,
+            message = stream.message() => message,
+        };
+        match message {
+            Ok(Some(_)) => {}
+            Ok(None) => return Some(Code::Ok),
+            Err(status) => return Some(status.code()),
+        }
+    }
 }
 
 /// What a subscriber has received so far, for deciding when the run has drained.
@@ -1440,6 +1506,8 @@ struct CallReport {
     connections: u32,
     concurrency: u32,
     workload: WorkloadReport,
+    /// Subscriptions open throughout a unary run on prefixes its keys never match.
+    idle_subscribers: Option<u32>,
     batch_size: Option<u64>,
     open_loop: Option<OpenLoopReport>,
     seconds: f64,
@@ -1527,23 +1595,24 @@ impl Summary for CallReport {
         if let Some(open) = &self.open_loop {
             shape += &format!(", open loop at {:.0} calls/s", open.rate);
         }
+        let mut workload = format!(
+            "{:.0}% gets, {} keys ({:?}), {}-byte keys, {}-byte values",
+            w.get_ratio * 100.0,
+            w.keys,
+            w.distribution,
+            w.key_size,
+            w.value_size
+        );
+        if let Some(idle) = self.idle_subscribers {
+            workload += &format!(", {idle} idle subscribers");
+        }
         let mut rows = vec![
             (
                 "mode".into(),
                 format!("{} against {}", self.mode, self.server),
             ),
             ("load".into(), shape),
-            (
-                "workload".into(),
-                format!(
-                    "{:.0}% gets, {} keys ({:?}), {}-byte keys, {}-byte values",
-                    w.get_ratio * 100.0,
-                    w.keys,
-                    w.distribution,
-                    w.key_size,
-                    w.value_size
-                ),
-            ),
+            ("workload".into(), workload),
             ("duration".into(), format!("{:.2} s", self.seconds)),
             (
                 "calls".into(),
