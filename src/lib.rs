@@ -10,8 +10,10 @@
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
+//! - [`endpoint`]: the server address the command-line tools accept.
 
 pub mod config;
+pub mod endpoint;
 pub mod grpc;
 pub mod http;
 pub mod middleware;

@@ -38,8 +38,6 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 type Client = KeyValueStoreClient<Channel>;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Far above the server's batch limit (4 MiB by default), so a large batch's response is
 /// limited by the server's settings, not by this client's decoder.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -100,7 +98,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct Target {
     /// Server address: host:port or http://host:port.
-    #[arg(long, value_parser = parse_server)]
+    #[arg(long, value_parser = kvstore::endpoint::parse)]
     server: Endpoint,
 
     /// The server's process ID, to report its CPU time per operation (read from /proc).
@@ -1782,20 +1780,6 @@ fn progress_bar(len: Option<u64>, unit: &str) -> ProgressBar {
         ),
     };
     bar.with_style(ProgressStyle::with_template(&template).expect("the template is valid"))
-}
-
-fn parse_server(addr: &str) -> Result<Endpoint, String> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url.clone()).map_err(|err| format!("{url}: {err}"))?;
-    if endpoint.uri().scheme_str() != Some("http") {
-        // tonic is built without TLS.
-        return Err(format!("{url}: only http:// is supported"));
-    }
-    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT))
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {

@@ -29,8 +29,6 @@ const EXIT_NOT_FOUND: u8 = 1;
 const EXIT_FAILURE: u8 = 3;
 const EXIT_GUARD_MISMATCH: u8 = 4;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Far above the server's value limit (1 MiB by default), so that limit is the one that applies
 /// and is reported with its setting's name, rather than a client-side decoding error.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -84,7 +82,7 @@ struct Common {
         global = true,
         env = "KVSTORE_ENDPOINT",
         default_value = "localhost:50051",
-        value_parser = parse_server
+        value_parser = kvstore::endpoint::parse
     )]
     server: Endpoint,
 
@@ -294,25 +292,6 @@ fn legacy_args(args: &[OsString]) -> Option<Vec<OsString>> {
         }
     }
     Some(rewritten)
-}
-
-/// Accepts `host:port` or a full `http://host:port` URL.
-fn parse_server(addr: &str) -> Result<Endpoint, String> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url.clone()).map_err(|err| format!("{url}: {err}"))?;
-    let uri = endpoint.uri();
-    if uri.scheme_str() != Some("http") {
-        // tonic is built without TLS, so https could never connect.
-        return Err(format!("{url}: only http:// is supported"));
-    }
-    if uri.port().is_none() || !matches!(uri.path(), "" | "/") {
-        return Err(format!("{url}: expected host:port or http://host:port"));
-    }
-    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT))
 }
 
 /// A humantime duration (`30s`, `1m 30s`) in whole milliseconds, the unit of the API. Zero means
