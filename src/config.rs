@@ -358,6 +358,17 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             return Err(invalid(figment, key, "must be at least 1, got 0"));
         }
     }
+    if settings.limits.max_key_bytes > crate::record::MAX_KEY_BYTES {
+        return Err(invalid(
+            figment,
+            "limits.max_key_bytes",
+            &format!(
+                "must be at most {} (64 KiB), got {}",
+                crate::record::MAX_KEY_BYTES,
+                settings.limits.max_key_bytes
+            ),
+        ));
+    }
     if settings.server.health_listen == Some(settings.server.listen)
         && settings.server.listen.port() != 0
     {
@@ -730,6 +741,11 @@ mod tests {
                 (
                     with_file("[limits]\nmax_key_bytes = \"big\"\n")?,
                     "limits.max_key_bytes",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[limits]\nmax_key_bytes = 65536\n")?,
+                    "limits.max_key_bytes must be at most 65535",
                     "bad.toml",
                 ),
                 (

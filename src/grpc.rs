@@ -498,14 +498,14 @@ fn to_event(change: &Change, initial: bool) -> ChangeEvent {
     };
     ChangeEvent {
         change_type: change_type.into(),
-        key: change.key.to_string(),
-        value: change.value.to_string(),
+        key: change.key().to_string(),
+        value: change.value().to_string(),
         timestamp: change.timestamp_ms,
-        revision: wire(change.revision),
+        revision: wire(change.revision()),
         expired: change.kind == ChangeKind::Expire,
         initial,
-        create_revision: wire(change.create_revision),
-        version: wire(change.version),
+        create_revision: wire(change.create_revision()),
+        version: wire(change.version()),
     }
 }
 

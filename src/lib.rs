@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`store`]: the concurrent map; every write is published to the matching subscribers.
+//! - [`record`]: one stored key in one allocation, shared by the map, the history and the streams.
 //! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod http;
 pub mod middleware;
 pub mod pubsub;
+pub mod record;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -12,8 +12,9 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 use tokio::sync::mpsc;
 
-/// A key as the store holds it: inline up to 24 bytes, so the map's comparisons read the
-/// key in place instead of following a pointer per comparison.
+use crate::record::{Meta, Record};
+
+/// A key as a change carries it: inline up to 24 bytes, so copying one costs no allocation.
 pub type Key = compact_str::CompactString;
 
 /// What happened to a key.
@@ -27,40 +28,84 @@ pub enum ChangeKind {
     Expire,
 }
 
-/// One applied change, shared by the history and every subscriber that receives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One applied change. It holds the key as the change left it, so a set shares the very
+/// record the map holds: the history and every subscriber get it without a copy.
+#[derive(Debug, Clone)]
 pub struct Change {
     /// What happened.
     pub kind: ChangeKind,
-    /// The key that changed. Short keys (up to 24 bytes) are stored inline, so copying one
-    /// into a change costs no allocation.
-    pub key: Key,
-    /// The new value; empty for a delete or an expiry.
-    pub value: Arc<str>,
-    /// The store revision of this change.
-    pub revision: u64,
-    /// The key's create revision after the change; 0 once it is gone.
-    pub create_revision: u64,
-    /// The key's version after the change; 0 once it is gone.
-    pub version: u64,
+    /// The key after the change, with the change's revision as its `mod_revision`. A
+    /// delete or an expiry leaves an empty value, create revision 0 and version 0.
+    pub record: Record,
     /// When the change was applied, in Unix milliseconds.
     pub timestamp_ms: i64,
 }
 
 impl Change {
+    /// A delete or an expiry of `key` at `revision`.
+    pub fn removal(kind: ChangeKind, key: &str, revision: u64, timestamp_ms: i64) -> Self {
+        let meta = Meta {
+            mod_revision: revision,
+            ..Meta::default()
+        };
+        Self {
+            kind,
+            record: Record::new(key, "", meta),
+            timestamp_ms,
+        }
+    }
+
+    /// The key that changed.
+    pub fn key(&self) -> &str {
+        self.record.key()
+    }
+
+    /// The new value; empty for a delete or an expiry.
+    pub fn value(&self) -> &str {
+        self.record.value()
+    }
+
+    /// The store revision of this change.
+    pub fn revision(&self) -> u64 {
+        self.record.meta().mod_revision
+    }
+
+    /// The key's create revision after the change; 0 once it is gone.
+    pub fn create_revision(&self) -> u64 {
+        self.record.meta().create_revision
+    }
+
+    /// The key's version after the change; 0 once it is gone.
+    pub fn version(&self) -> u64 {
+        self.record.meta().version
+    }
+
     /// Roughly the memory this change holds, for bounding the history by bytes.
     pub fn weight(&self) -> usize {
-        std::mem::size_of::<Self>() + 32 + self.key.len() + self.value.len()
+        std::mem::size_of::<Self>() + 48 + self.record.size()
     }
 }
+
+// Records compare by key alone; two changes are equal when everything about them is.
+impl PartialEq for Change {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.key() == other.key()
+            && self.value() == other.value()
+            && self.record.meta() == other.record.meta()
+            && self.timestamp_ms == other.timestamp_ms
+    }
+}
+
+impl Eq for Change {}
 
 /// What a subscription delivers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A change, replayed from history or live.
-    Change(Arc<Change>),
+    Change(Change),
     /// A key's current value, part of the snapshot a subscription asked to begin with.
-    Initial(Arc<Change>),
+    Initial(Change),
     /// The snapshot is complete: it was read at this revision, and live changes follow.
     SnapshotEnd(u64),
 }
@@ -116,7 +161,7 @@ struct Registry {
 
 struct Subscriber {
     id: u64,
-    tx: mpsc::Sender<Arc<Change>>,
+    tx: mpsc::Sender<Change>,
     missed: Arc<AtomicU64>,
 }
 
@@ -199,17 +244,17 @@ impl Hub {
     ///
     /// The caller holds the store's write lock, so changes are published one at a time in
     /// revision order.
-    pub fn publish(&self, change: &Arc<Change>) {
+    pub fn publish(&self, change: &Change) {
         if !self.is_empty() {
             self.offer(change);
         }
         self.inner
             .published
-            .store(change.revision, Ordering::Release);
+            .store(change.revision(), Ordering::Release);
     }
 
-    fn offer(&self, change: &Arc<Change>) {
-        let key = &*change.key;
+    fn offer(&self, change: &Change) {
+        let key = change.key();
         let registry = self.lock();
         for &len in registry.lengths.keys() {
             if len > key.len() {
@@ -257,7 +302,7 @@ impl Hub {
 }
 
 impl Subscriber {
-    fn offer(&self, change: &Arc<Change>) {
+    fn offer(&self, change: &Change) {
         if self.missed.load(Ordering::Relaxed) > 0 {
             self.missed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -281,7 +326,7 @@ impl Subscriber {
 /// [`Lagged`] error and nothing more. Dropping it unregisters it at once.
 pub struct Subscription {
     backlog: VecDeque<Event>,
-    rx: mpsc::Receiver<Arc<Change>>,
+    rx: mpsc::Receiver<Change>,
     min_revision: u64,
     after: u64,
     missed: Arc<AtomicU64>,
@@ -337,7 +382,7 @@ impl Subscription {
         loop {
             match self.rx.poll_recv(cx) {
                 // A subscription that starts at a future revision skips what comes before.
-                Poll::Ready(Some(change)) if change.revision < self.min_revision => {}
+                Poll::Ready(Some(change)) if change.revision() < self.min_revision => {}
                 other => return other.map(|next| next.map(|c| Ok(Event::Change(c)))),
             }
         }
@@ -362,16 +407,18 @@ impl Drop for Subscription {
 mod tests {
     use super::*;
 
-    fn change(key: &str, revision: u64) -> Arc<Change> {
-        Arc::new(Change {
-            kind: ChangeKind::Set,
-            key: key.into(),
-            value: "v".into(),
-            revision,
+    fn change(key: &str, revision: u64) -> Change {
+        let meta = Meta {
             create_revision: revision,
+            mod_revision: revision,
             version: 1,
+            deadline: 0,
+        };
+        Change {
+            kind: ChangeKind::Set,
+            record: Record::new(key, "v", meta),
             timestamp_ms: 0,
-        })
+        }
     }
 
     fn subscribe(hub: &Hub, prefix: &str) -> Subscription {
@@ -387,7 +434,7 @@ mod tests {
     fn pending(sub: &mut Subscription) -> Vec<String> {
         let mut keys = Vec::new();
         while let Ok(c) = sub.rx.try_recv() {
-            keys.push(c.key.to_string());
+            keys.push(c.key().to_string());
         }
         keys
     }

@@ -2,7 +2,7 @@
 //! history, behind one reader-writer lock. Every change gets the next revision and is
 //! published to the matching subscribers ([`crate::pubsub`]) before the write lock is released.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 use crate::config::{HistorySettings, SubscriptionSettings};
 use crate::pubsub::{Change, ChangeKind, Event, Hub, Key, Subscription, TooManySubscriptions};
+use crate::record::{Meta, Record, Value};
 
 /// A handle to the shared store; clones share the same data.
 ///
@@ -27,19 +28,14 @@ pub struct Store {
 }
 
 struct State {
-    map: BTreeMap<Key, Entry>,
+    /// The keys, ordered; a record is ordered by its key and borrows as the key's bytes.
+    map: BTreeSet<Record>,
     revision: u64,
     history: History,
     /// Keys with a TTL, by deadline, so expiry never scans the map.
     expiry: BTreeSet<(Instant, Key)>,
-}
-
-struct Entry {
-    value: Arc<str>,
-    create_revision: u64,
-    mod_revision: u64,
-    version: u64,
-    expires_at: Option<Instant>,
+    /// Records keep their deadline as nanoseconds after this instant, in one word.
+    epoch: Instant,
 }
 
 /// A key, its value and its revisions, as read.
@@ -48,7 +44,7 @@ pub struct KeyValue {
     /// The key.
     pub key: Key,
     /// Its value.
-    pub value: Arc<str>,
+    pub value: Value,
     /// The revision that created the key.
     pub create_revision: u64,
     /// The revision that last set the key.
@@ -187,10 +183,11 @@ impl Store {
         clock: Clock,
     ) -> Self {
         let state = State {
-            map: BTreeMap::new(),
+            map: BTreeSet::new(),
             revision: 0,
             history: History::new(history),
             expiry: BTreeSet::new(),
+            epoch: clock.now(),
         };
         Self {
             state: Arc::new(RwLock::new(state)),
@@ -279,15 +276,14 @@ impl Store {
         } else {
             Bound::Included(prefix)
         };
+        let now = state.since_epoch(now);
         let mut live = state
-            .map
-            .range::<str, _>((lower, Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .filter(|(_, entry)| entry.is_live(now));
+            .under(prefix, lower)
+            .filter(|record| is_live(record, now));
         let items: Vec<KeyValue> = live
             .by_ref()
             .take(limit)
-            .map(|(key, entry)| entry.to_key_value(key, now))
+            .map(|record| state.to_key_value(record, now))
             .collect();
         Page {
             items,
@@ -403,10 +399,45 @@ struct Writer<'a> {
 
 impl State {
     fn get(&self, key: &str, now: Instant) -> Option<KeyValue> {
+        let now = self.since_epoch(now);
         self.map
-            .get_key_value(key)
-            .filter(|(_, entry)| entry.is_live(now))
-            .map(|(key, entry)| entry.to_key_value(key, now))
+            .get(key.as_bytes())
+            .filter(|record| is_live(record, now))
+            .map(|record| self.to_key_value(record, now))
+    }
+
+    /// The records from `lower` on whose keys start with `prefix`.
+    fn under<'a>(
+        &'a self,
+        prefix: &'a str,
+        lower: Bound<&'a str>,
+    ) -> impl Iterator<Item = &'a Record> + 'a {
+        self.map
+            .range::<[u8], _>((lower.map(str::as_bytes), Bound::Unbounded))
+            .take_while(move |record| record.key().starts_with(prefix))
+    }
+
+    fn to_key_value(&self, record: &Record, now: u64) -> KeyValue {
+        let meta = record.meta();
+        KeyValue {
+            key: Key::from(record.key()),
+            value: Value::of(record),
+            create_revision: meta.create_revision,
+            mod_revision: meta.mod_revision,
+            version: meta.version,
+            ttl: (meta.deadline != 0)
+                .then(|| Duration::from_nanos(meta.deadline.saturating_sub(now))),
+        }
+    }
+
+    /// `at` as nanoseconds after the epoch.
+    fn since_epoch(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX)
+    }
+
+    fn deadline(&self, meta: Meta) -> Option<Instant> {
+        (meta.deadline != 0).then(|| self.epoch + Duration::from_nanos(meta.deadline))
     }
 
     fn set(
@@ -417,51 +448,46 @@ impl State {
         now: Instant,
         writer: Writer<'_>,
     ) -> Result<u64, Conflict> {
-        let current = self.map.get_key_value(key.as_str());
+        let current = self.map.get(key.as_bytes()).map(Record::meta);
         check(
             options.expected_mod_revision,
-            current.map(|(_, e)| e.mod_revision),
+            current.map(|meta| meta.mod_revision),
         )?;
 
         let revision = self.revision + 1;
         let expires_at = options.ttl.map(|ttl| now + ttl);
-        let (key, create_revision, version, old_deadline) = match current {
-            Some((key, entry)) => (
-                key.clone(),
-                entry.create_revision,
-                entry.version + 1,
-                entry.expires_at,
-            ),
-            None => (Key::from(key), revision, 1, None),
+        let (create_revision, version) = match current {
+            Some(meta) => (meta.create_revision, meta.version + 1),
+            None => (revision, 1),
         };
-        let value: Arc<str> = Arc::from(value);
-        if let Some(at) = old_deadline {
-            self.expiry.remove(&(at, key.clone()));
+        if let Some(at) = current.and_then(|meta| self.deadline(meta)) {
+            self.expiry.remove(&(at, Key::from(key.as_str())));
         }
-        if let Some(at) = expires_at {
-            if self.expiry.first().is_none_or(|(first, _)| at < *first) {
-                writer.expiry_changed.notify_one();
-            }
-            self.expiry.insert((at, key.clone()));
-        }
-        self.map.insert(
-            key.clone(),
-            Entry {
-                value: value.clone(),
+        let record = Record::new(
+            &key,
+            &value,
+            Meta {
                 create_revision,
                 mod_revision: revision,
                 version,
-                expires_at,
+                // At least 1: 0 means no deadline.
+                deadline: expires_at.map_or(0, |at| self.since_epoch(at).max(1)),
             },
         );
+        if let Some(at) = expires_at {
+            // The index holds the instant the record's deadline stands for, so that removing
+            // it later finds exactly this entry.
+            let at = self.deadline(record.meta()).unwrap_or(at);
+            if self.expiry.first().is_none_or(|(first, _)| at < *first) {
+                writer.expiry_changed.notify_one();
+            }
+            self.expiry.insert((at, Key::from(key)));
+        }
+        self.map.replace(record.clone());
         self.apply(
             Change {
                 kind: ChangeKind::Set,
-                key,
-                value,
-                revision,
-                create_revision,
-                version,
+                record,
                 timestamp_ms: now_ms(),
             },
             writer.hub,
@@ -470,15 +496,15 @@ impl State {
     }
 
     fn delete(&mut self, key: &str, expected: Option<u64>, hub: &Hub) -> Result<Deleted, Conflict> {
-        let current = self.map.get(key).map(|e| e.mod_revision);
+        let current = self.map.get(key.as_bytes()).map(|r| r.meta().mod_revision);
         check(expected, current)?;
-        let Some((key, entry)) = self.map.remove_entry(key) else {
+        let Some(record) = self.map.take(key.as_bytes()) else {
             return Ok(Deleted {
                 prev_mod_revision: None,
                 revision: self.revision,
             });
         };
-        let revision = self.remove(key, entry, ChangeKind::Delete, hub);
+        let revision = self.remove(&record, ChangeKind::Delete, hub);
         Ok(Deleted {
             prev_mod_revision: current,
             revision,
@@ -487,29 +513,17 @@ impl State {
 
     /// Records a change: the new revision, the history, and the subscribers.
     fn apply(&mut self, change: Change, hub: &Hub) {
-        self.revision = change.revision;
-        let change = Arc::new(change);
+        self.revision = change.revision();
         hub.publish(&change);
         self.history.push(change);
     }
 
-    fn remove(&mut self, key: Key, entry: Entry, kind: ChangeKind, hub: &Hub) -> u64 {
-        if let Some(at) = entry.expires_at {
-            self.expiry.remove(&(at, key.clone()));
+    fn remove(&mut self, record: &Record, kind: ChangeKind, hub: &Hub) -> u64 {
+        if let Some(at) = self.deadline(record.meta()) {
+            self.expiry.remove(&(at, Key::from(record.key())));
         }
         let revision = self.revision + 1;
-        self.apply(
-            Change {
-                kind,
-                key,
-                value: Arc::from(""),
-                revision,
-                create_revision: 0,
-                version: 0,
-                timestamp_ms: now_ms(),
-            },
-            hub,
-        );
+        self.apply(Change::removal(kind, record.key(), revision, now_ms()), hub);
         revision
     }
 
@@ -521,58 +535,41 @@ impl State {
                 break;
             }
             self.expiry.pop_first();
-            if let Some(entry) = self.map.remove(&key) {
-                self.remove(key, entry, ChangeKind::Expire, hub);
+            if let Some(record) = self.map.take(key.as_bytes()) {
+                self.remove(&record, ChangeKind::Expire, hub);
             }
         }
     }
 
     /// The current values under `prefix` as changes in revision order, then the marker.
     fn snapshot(&self, prefix: &str, now: Instant) -> VecDeque<Event> {
-        let mut changes: Vec<Arc<Change>> = self
-            .map
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .filter(|(_, entry)| entry.is_live(now))
-            .map(|(key, entry)| {
-                Arc::new(Change {
-                    kind: ChangeKind::Set,
-                    key: key.clone(),
-                    value: entry.value.clone(),
-                    revision: entry.mod_revision,
-                    create_revision: entry.create_revision,
-                    version: entry.version,
-                    timestamp_ms: now_ms(),
-                })
+        let now = self.since_epoch(now);
+        let timestamp_ms = now_ms();
+        let mut changes: Vec<Change> = self
+            .under(prefix, Bound::Included(prefix))
+            .filter(|record| is_live(record, now))
+            .map(|record| Change {
+                kind: ChangeKind::Set,
+                record: record.clone(),
+                timestamp_ms,
             })
             .collect();
-        changes.sort_unstable_by_key(|c| c.revision);
+        changes.sort_unstable_by_key(Change::revision);
         let mut events: VecDeque<Event> = changes.into_iter().map(Event::Initial).collect();
         events.push_back(Event::SnapshotEnd(self.revision));
         events
     }
 }
 
-impl Entry {
-    fn is_live(&self, now: Instant) -> bool {
-        self.expires_at.is_none_or(|at| at > now)
-    }
-
-    fn to_key_value(&self, key: &Key, now: Instant) -> KeyValue {
-        KeyValue {
-            key: key.clone(),
-            value: self.value.clone(),
-            create_revision: self.create_revision,
-            mod_revision: self.mod_revision,
-            version: self.version,
-            ttl: self.expires_at.map(|at| at.saturating_duration_since(now)),
-        }
-    }
+/// Whether `record` has not expired at `now` (nanoseconds after the epoch).
+fn is_live(record: &Record, now: u64) -> bool {
+    let deadline = record.meta().deadline;
+    deadline == 0 || deadline > now
 }
 
 /// The most recent changes, one per revision with no gaps, bounded by count and bytes.
 struct History {
-    changes: VecDeque<Arc<Change>>,
+    changes: VecDeque<Change>,
     bytes: usize,
     limits: HistorySettings,
     /// The newest revision that has been dropped; 0 while nothing has been.
@@ -589,7 +586,7 @@ impl History {
         }
     }
 
-    fn push(&mut self, change: Arc<Change>) {
+    fn push(&mut self, change: Change) {
         self.bytes += change.weight();
         self.changes.push_back(change);
         while self.changes.len() > self.limits.max_events || self.bytes > self.limits.max_bytes {
@@ -597,7 +594,7 @@ impl History {
                 break;
             };
             self.bytes -= oldest.weight();
-            self.compacted = oldest.revision;
+            self.compacted = oldest.revision();
         }
     }
 
@@ -615,7 +612,7 @@ impl History {
             .changes
             .iter()
             .skip(skip)
-            .filter(|c| c.key.starts_with(prefix))
+            .filter(|c| c.key().starts_with(prefix))
             .map(|c| Event::Change(c.clone()))
             .collect())
     }
@@ -647,6 +644,8 @@ fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use proptest::prelude::*;
 
@@ -681,7 +680,7 @@ mod tests {
         events
     }
 
-    fn changes(events: Vec<Event>) -> Vec<Arc<Change>> {
+    fn changes(events: Vec<Event>) -> Vec<Change> {
         events
             .into_iter()
             .map(|e| match e {
@@ -780,7 +779,7 @@ mod tests {
                 actual: 0
             })
         );
-        assert_eq!(store.get("k").0.unwrap().value.as_ref(), "2");
+        assert_eq!(store.get("k").0.unwrap().value.to_string(), "2");
         assert_eq!(store.revision(), 2);
     }
 
@@ -828,7 +827,7 @@ mod tests {
         assert_eq!(results[5], OpResult::Get(None));
         let revisions: Vec<u64> = changes(drain(&mut sub))
             .iter()
-            .map(|c| c.revision)
+            .map(|c| c.revision())
             .collect();
         assert_eq!(revisions, [1, 2, 3]);
         let (reads, revision) = store.batch(vec![Op::Get("a".into()), Op::Get("zz".into())]);
@@ -854,7 +853,7 @@ mod tests {
         let events = changes(drain(&mut sub));
         assert_eq!(events.len(), 2);
         assert_eq!(
-            (events[1].kind, events[1].revision),
+            (events[1].kind, events[1].revision()),
             (ChangeKind::Expire, 2)
         );
     }
@@ -872,7 +871,7 @@ mod tests {
             .unwrap();
         *now.lock().unwrap() += Duration::from_secs(5);
         assert_eq!(store.expire(), None);
-        assert_eq!(store.get("t").0.unwrap().value.as_ref(), "w");
+        assert_eq!(store.get("t").0.unwrap().value.to_string(), "w");
     }
 
     #[test]
@@ -929,7 +928,7 @@ mod tests {
             .unwrap();
         let revisions: Vec<u64> = changes(drain(&mut sub))
             .iter()
-            .map(|c| c.revision)
+            .map(|c| c.revision())
             .collect();
         assert_eq!(revisions, [3, 5, 6]);
         let mut future = store.subscribe(String::new(), Start::Revision(8)).unwrap();
@@ -941,7 +940,7 @@ mod tests {
             .unwrap();
         let revisions: Vec<u64> = changes(drain(&mut future))
             .iter()
-            .map(|c| c.revision)
+            .map(|c| c.revision())
             .collect();
         assert_eq!(revisions, [8]);
     }
@@ -969,9 +968,9 @@ mod tests {
         let summary: Vec<String> = events
             .iter()
             .map(|e| match e {
-                Event::Initial(c) => format!("initial {}={}@{}", c.key, c.value, c.revision),
+                Event::Initial(c) => format!("initial {}={}@{}", c.key(), c.value(), c.revision()),
                 Event::SnapshotEnd(r) => format!("end@{r}"),
-                Event::Change(c) => format!("live {}={}@{}", c.key, c.value, c.revision),
+                Event::Change(c) => format!("live {}={}@{}", c.key(), c.value(), c.revision()),
             })
             .collect();
         assert_eq!(
@@ -1180,13 +1179,13 @@ mod tests {
             // Every change reached the subscriber, exactly as the model logged it.
             let seen: Vec<_> = changes(drain(&mut everything))
                 .iter()
-                .map(|c| (c.kind, c.key.to_string(), c.value.to_string(), c.revision))
+                .map(|c| (c.kind, c.key().to_string(), c.value().to_string(), c.revision()))
                 .collect();
             prop_assert_eq!(&seen, &model.log);
             // And the history replays the same from any revision.
             for from in 1..=model.revision {
                 let mut resumed = store.subscribe(String::new(), Start::Revision(from)).unwrap();
-                let replayed: Vec<u64> = changes(drain(&mut resumed)).iter().map(|c| c.revision).collect();
+                let replayed: Vec<u64> = changes(drain(&mut resumed)).iter().map(|c| c.revision()).collect();
                 prop_assert_eq!(replayed, (from..=model.revision).collect::<Vec<_>>());
             }
         }
@@ -1246,7 +1245,7 @@ mod tests {
         }
         let last = store.revision();
         let all = changes(drain(&mut everything));
-        let revisions: Vec<u64> = all.iter().map(|c| c.revision).collect();
+        let revisions: Vec<u64> = all.iter().map(|c| c.revision()).collect();
         assert_same_revisions(
             &revisions,
             &(1..=last).collect::<Vec<_>>(),
@@ -1255,15 +1254,18 @@ mod tests {
 
         let k1_expected: Vec<u64> = all
             .iter()
-            .filter(|c| c.key.starts_with("k1"))
-            .map(|c| c.revision)
+            .filter(|c| c.key().starts_with("k1"))
+            .map(|c| c.revision())
             .collect();
-        let k1_seen: Vec<u64> = changes(drain(&mut k1)).iter().map(|c| c.revision).collect();
+        let k1_seen: Vec<u64> = changes(drain(&mut k1))
+            .iter()
+            .map(|c| c.revision())
+            .collect();
         assert_same_revisions(&k1_seen, &k1_expected, "the k1 subscriber");
 
         let late_seen: Vec<u64> = changes(drain(&mut late.0))
             .iter()
-            .map(|c| c.revision)
+            .map(|c| c.revision())
             .collect();
         assert_same_revisions(
             &late_seen,
@@ -1276,9 +1278,9 @@ mod tests {
         for change in &all {
             match change.kind {
                 ChangeKind::Set => {
-                    replayed.insert(change.key.to_string(), change.value.to_string())
+                    replayed.insert(change.key().to_string(), change.value().to_string())
                 }
-                _ => replayed.remove(&*change.key),
+                _ => replayed.remove(change.key()),
             };
         }
         let listed: BTreeMap<String, String> = store

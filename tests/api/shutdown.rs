@@ -199,7 +199,7 @@ async fn a_unary_call_in_flight_when_shutdown_begins_still_completes() {
     }
     assert_eq!(grpc_status.unwrap(), "0", "the call finished with OK");
     let (stored, _) = server.store.get("in-flight");
-    assert_eq!(stored.unwrap().value.as_ref(), "done");
+    assert_eq!(stored.unwrap().value.to_string(), "done");
     drop(watch);
     server.stopped().await;
 }
