@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::config::{HistorySettings, SubscriptionSettings};
-use crate::pubsub::{Change, ChangeKind, Event, Hub, Key, Subscription, TooManySubscriptions};
+use crate::pubsub::{
+    Change, ChangeKind, Event, Hub, HubStats, Key, Subscription, TooManySubscriptions,
+};
 
 /// A handle to the shared store; clones share the same data.
 ///
@@ -32,6 +34,9 @@ struct State {
     history: History,
     /// Keys with a TTL, by deadline, so expiry never scans the map.
     expiry: BTreeSet<(Instant, Key)>,
+    /// The lengths of every key and value in the map, kept as they change so that
+    /// reading it never walks the map.
+    bytes: usize,
 }
 
 struct Entry {
@@ -40,6 +45,17 @@ struct Entry {
     mod_revision: u64,
     version: u64,
     expires_at: Option<Instant>,
+}
+
+/// The size of the store and what its subscribers have seen, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Keys in the map, counting expired keys not yet removed.
+    pub keys: usize,
+    /// The lengths of those keys and their values, in bytes.
+    pub bytes: usize,
+    /// Subscriptions and the changes published to them.
+    pub subscribers: HubStats,
 }
 
 /// A key, its value and its revisions, as read.
@@ -191,6 +207,7 @@ impl Store {
             revision: 0,
             history: History::new(history),
             expiry: BTreeSet::new(),
+            bytes: 0,
         };
         Self {
             state: Arc::new(RwLock::new(state)),
@@ -326,6 +343,16 @@ impl Store {
         self.hub.len()
     }
 
+    /// Sizes and subscriber counters, under a short read lock.
+    pub fn stats(&self) -> Stats {
+        let state = self.read();
+        Stats {
+            keys: state.map.len(),
+            bytes: state.bytes,
+            subscribers: self.hub.stats(),
+        }
+    }
+
     /// The number of keys stored, counting expired keys not yet removed.
     pub fn len(&self) -> usize {
         self.read().map.len()
@@ -444,7 +471,8 @@ impl State {
             }
             self.expiry.insert((at, key.clone()));
         }
-        self.map.insert(
+        self.bytes += key.len() + value.len();
+        let replaced = self.map.insert(
             key.clone(),
             Entry {
                 value: value.clone(),
@@ -454,6 +482,9 @@ impl State {
                 expires_at,
             },
         );
+        if let Some(old) = replaced {
+            self.bytes -= key.len() + old.value.len();
+        }
         self.apply(
             Change {
                 kind: ChangeKind::Set,
@@ -494,6 +525,7 @@ impl State {
     }
 
     fn remove(&mut self, key: Key, entry: Entry, kind: ChangeKind, hub: &Hub) -> u64 {
+        self.bytes -= key.len() + entry.value.len();
         if let Some(at) = entry.expires_at {
             self.expiry.remove(&(at, key.clone()));
         }
@@ -1176,6 +1208,11 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(store.revision(), model.revision);
+                // Both still hold expired keys until a write or a sweep removes them.
+                let stats = store.stats();
+                let bytes: usize = model.map.iter().map(|(k, e)| k.len() + e.value.len()).sum();
+                prop_assert_eq!((stats.keys, stats.bytes), (model.map.len(), bytes));
+                prop_assert_eq!(stats.subscribers.published, model.revision);
             }
             // Every change reached the subscriber, exactly as the model logged it.
             let seen: Vec<_> = changes(drain(&mut everything))
