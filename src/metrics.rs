@@ -200,7 +200,7 @@ impl Limit {
 pub struct Metrics {
     /// Calls that ended, by [`Rpc`] and then by status code.
     calls: [[Counter; CODES.len()]; Rpc::ALL.len()],
-    /// Call latency by [`Rpc`] (Subscribe's stays empty).
+    /// Call latency by [`Rpc`] (Subscribe's and Unknown's stay empty).
     latency: [Latency; Rpc::ALL.len()],
     refusals: [Counter; Limit::ALL.len()],
     events_delivered: Counter,
@@ -260,8 +260,9 @@ impl Metrics {
 
     fn record(&self, rpc: Rpc, code: u8, elapsed: Duration) {
         self.calls[rpc as usize][usize::from(code)].inc();
-        // A stream's lifetime says nothing about the server's speed, so it is not timed.
-        if rpc != Rpc::Subscribe {
+        // A stream's lifetime says nothing about the server's speed, so it is not timed;
+        // nor are calls to methods that do not exist.
+        if !matches!(rpc, Rpc::Subscribe | Rpc::Unknown) {
             self.latency[rpc as usize].observe(elapsed);
         }
     }
