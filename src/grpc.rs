@@ -3,16 +3,19 @@
 //! that always ends with a status saying why.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::config::Limits;
+use crate::metrics::{Limit, Metrics};
 use crate::pb::change_event::ChangeType;
 use crate::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
 use crate::pb::{
@@ -48,16 +51,24 @@ pub struct KvService {
     store: Store,
     limits: Limits,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl KvService {
     /// A service over `store`, refusing keys and values over `limits`. Cancelling `shutdown`
-    /// ends every open Subscribe stream with `UNAVAILABLE`.
-    pub fn new(store: Store, limits: Limits, shutdown: CancellationToken) -> Self {
+    /// ends every open Subscribe stream with `UNAVAILABLE`. Refusals and delivered events
+    /// are counted in `metrics`.
+    pub fn new(
+        store: Store,
+        limits: Limits,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             store,
             limits,
             shutdown,
+            metrics,
         }
     }
 
@@ -79,7 +90,19 @@ impl KvService {
     }
 
     fn check_key_size(&self, what: &str, key: &str) -> Result<(), Status> {
-        check_size(what, key, self.limits.max_key_bytes, "limits.max_key_bytes")
+        self.check_size(what, key, self.limits.max_key_bytes, Limit::MaxKeyBytes)
+    }
+
+    fn check_size(&self, what: &str, s: &str, max: usize, limit: Limit) -> Result<(), Status> {
+        if s.len() > max {
+            self.metrics.refused(limit);
+            return Err(Status::invalid_argument(format!(
+                "{what} is {} bytes, over the limit of {max} bytes ({})",
+                s.len(),
+                limit.key()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -92,11 +115,11 @@ impl KvService {
             ttl_ms,
         } = request;
         self.check_key(&key)?;
-        check_size(
+        self.check_size(
             "value",
             &value,
             self.limits.max_value_bytes,
-            "limits.max_value_bytes",
+            Limit::MaxValueBytes,
         )?;
         let expected_mod_revision = expected_mod_revision
             .map(|r| revision_arg("expected_mod_revision", r))
@@ -181,16 +204,6 @@ fn delete_response(deleted: store::Deleted) -> DeleteResponse {
         prev_mod_revision: wire(deleted.prev_mod_revision.unwrap_or(0)),
         revision: wire(deleted.revision),
     }
-}
-
-fn check_size(what: &str, s: &str, max: usize, setting: &str) -> Result<(), Status> {
-    if s.len() > max {
-        return Err(Status::invalid_argument(format!(
-            "{what} is {} bytes, over the limit of {max} bytes ({setting})",
-            s.len()
-        )));
-    }
-    Ok(())
 }
 
 /// A revision from the wire: never negative.
@@ -282,6 +295,7 @@ impl KeyValueStore for KvService {
     ) -> Result<Response<BatchResponse>, Status> {
         let ops = request.into_inner().ops;
         if ops.len() > self.limits.max_batch_ops {
+            self.metrics.refused(Limit::MaxBatchOps);
             return Err(Status::invalid_argument(format!(
                 "batch has {} ops, over the limit of {} (limits.max_batch_ops)",
                 ops.len(),
@@ -393,7 +407,10 @@ impl KeyValueStore for KvService {
             .store
             .subscribe(key_pattern, start)
             .map_err(|err| match err {
-                SubscribeError::TooMany(_) => Status::resource_exhausted(err.to_string()),
+                SubscribeError::TooMany(_) => {
+                    self.metrics.refused(Limit::SubscriptionsMax);
+                    Status::resource_exhausted(err.to_string())
+                }
                 SubscribeError::Compacted { oldest, .. } => with_trailer(
                     Status::out_of_range(err.to_string()),
                     OLDEST_REVISION_TRAILER,
@@ -405,6 +422,7 @@ impl KeyValueStore for KvService {
             subscription,
             shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
             progress: progress.map(|every| (every, Box::pin(tokio::time::sleep(every)))),
+            delivered: self.metrics.events_delivered(),
             ended: false,
         }))
     }
@@ -421,6 +439,8 @@ pub struct ChangeStream {
     progress: Option<(Duration, Pin<Box<Sleep>>)>,
     /// The revision the client is current to: where it resumes from, plus one.
     last_revision: u64,
+    /// Counts the change events sent, not the PROGRESS ones.
+    delivered: Counter,
     ended: bool,
 }
 
@@ -432,6 +452,9 @@ impl ChangeStream {
     }
 
     fn send(&mut self, event: ChangeEvent) -> Poll<Option<Result<ChangeEvent, Status>>> {
+        if event.change_type() != ChangeType::Progress {
+            self.delivered.inc();
+        }
         self.last_revision = self.last_revision.max(event.revision.unsigned_abs());
         if let Some((every, timer)) = &mut self.progress {
             timer.as_mut().reset(tokio::time::Instant::now() + *every);
@@ -532,7 +555,8 @@ mod tests {
         };
         let defaults = crate::config::Settings::default();
         let store = Store::new(defaults.subscriptions, defaults.history);
-        KvService::new(store, limits, CancellationToken::new())
+        let metrics = Arc::new(Metrics::new());
+        KvService::new(store, limits, CancellationToken::new(), metrics)
     }
 
     fn set(key: &str, value: &str) -> Request<SetRequest> {
@@ -556,6 +580,9 @@ mod tests {
             assert!(status.message().contains(says), "{}", status.message());
         }
         assert!(svc.store.is_empty());
+        // An empty key is invalid, not over a limit.
+        assert_eq!(svc.metrics.refusals(Limit::MaxKeyBytes), 1);
+        assert_eq!(svc.metrics.refusals(Limit::MaxValueBytes), 1);
         let get = Request::new(GetRequest { key: String::new() });
         assert_eq!(
             svc.get(get).await.unwrap_err().code(),

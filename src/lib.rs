@@ -8,6 +8,7 @@
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
 //! - [`middleware`]: the in-flight limit and the deadline of unary gRPC calls.
+//! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod endpoint;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod middleware;
 pub mod pubsub;
 pub mod record;

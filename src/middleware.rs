@@ -11,23 +11,32 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 use tonic::Status;
 
+use crate::metrics::{Limit, Metrics};
+
 /// Shared by every request to the guarded routes.
 #[derive(Clone)]
 pub struct Guard {
     permits: Arc<Semaphore>,
     max_in_flight: usize,
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Guard {
     /// At most `max_in_flight` calls at once, each answered within `timeout` (or the
-    /// client's shorter `grpc-timeout`).
-    pub fn new(max_in_flight: usize, timeout: Duration) -> Self {
+    /// client's shorter `grpc-timeout`). Refusals are counted in `metrics`.
+    pub fn new(max_in_flight: usize, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             timeout,
+            metrics,
         }
+    }
+
+    /// Calls holding a permit now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.permits.available_permits()
     }
 }
 
@@ -38,18 +47,26 @@ impl Guard {
 /// it is registered, so a long-lived stream holds no permit and is never cut.
 pub async fn guard_grpc(State(guard): State<Guard>, request: Request, next: Next) -> Response {
     let Ok(_permit) = guard.permits.clone().try_acquire_owned() else {
+        guard.metrics.refused(Limit::MaxInFlight);
         return grpc_error(Status::resource_exhausted(format!(
             "server is busy: {} requests in flight (server.max_in_flight); retry with backoff",
             guard.max_in_flight
         )));
     };
-    let timeout = client_timeout(&request).map_or(guard.timeout, |t| t.min(guard.timeout));
+    let client = client_timeout(&request);
+    let timeout = client.map_or(guard.timeout, |t| t.min(guard.timeout));
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => grpc_error(Status::deadline_exceeded(format!(
-            "request took longer than {}",
-            humantime::format_duration(timeout)
-        ))),
+        Err(_) => {
+            // A client's own shorter deadline is its choice, not a refusal by the server.
+            if client.is_none_or(|t| t >= guard.timeout) {
+                guard.metrics.refused(Limit::RequestTimeout);
+            }
+            grpc_error(Status::deadline_exceeded(format!(
+                "request took longer than {}",
+                humantime::format_duration(timeout)
+            )))
+        }
     }
 }
 
@@ -118,17 +135,22 @@ mod tests {
     #[tokio::test]
     async fn calls_past_the_in_flight_limit_are_shed_at_once() {
         let release = Arc::new(Notify::new());
-        let app = guarded(Guard::new(1, Duration::from_secs(60)), release.clone());
+        let metrics = Arc::new(Metrics::new());
+        let guard = Guard::new(1, Duration::from_secs(60), metrics.clone());
+        let app = guarded(guard.clone(), release.clone());
         let first = tokio::spawn(app.clone().oneshot(request(None)));
         // Wait until the first call holds the permit: it is parked on `release`.
         while Arc::strong_count(&release) < 3 && !first.is_finished() {
             tokio::task::yield_now().await;
         }
+        assert_eq!(guard.in_flight(), 1);
         let shed = app.clone().oneshot(request(None)).await.unwrap();
         assert_eq!(grpc_status(&shed), Some("8"), "RESOURCE_EXHAUSTED");
+        assert_eq!(metrics.refusals(Limit::MaxInFlight), 1);
         release.notify_one();
         let done = first.await.unwrap().unwrap();
         assert_eq!(grpc_status(&done), None);
+        assert_eq!(guard.in_flight(), 0);
         // The permit is back.
         release.notify_one();
         let again = app.oneshot(request(None)).await.unwrap();
@@ -138,9 +160,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_call_past_its_deadline_gets_deadline_exceeded() {
         let release = Arc::new(Notify::new());
-        let app = guarded(Guard::new(4, Duration::from_secs(10)), release);
+        let metrics = Arc::new(Metrics::new());
+        let guard = Guard::new(4, Duration::from_secs(10), metrics.clone());
+        let app = guarded(guard, release);
         let timed_out = app.clone().oneshot(request(None)).await.unwrap();
         assert_eq!(grpc_status(&timed_out), Some("4"), "DEADLINE_EXCEEDED");
+        assert_eq!(metrics.refusals(Limit::RequestTimeout), 1);
         let started = tokio::time::Instant::now();
         let shorter = app.oneshot(request(Some("50m"))).await.unwrap();
         assert_eq!(grpc_status(&shorter), Some("4"));
@@ -148,6 +173,11 @@ mod tests {
             started.elapsed(),
             Duration::from_millis(50),
             "the client's shorter deadline wins"
+        );
+        assert_eq!(
+            metrics.refusals(Limit::RequestTimeout),
+            1,
+            "the client's own deadline is not a refusal"
         );
     }
 

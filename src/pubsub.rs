@@ -145,8 +145,27 @@ struct HubInner {
     /// The revision of the last change offered to every subscriber. A subscription whose
     /// queue is empty after reading this has received every matching change up to it.
     published: AtomicU64,
+    /// Subscriptions ended because they fell behind.
+    lagged: AtomicU64,
+    /// Changes offered to lagging subscribers that they never received.
+    dropped: AtomicU64,
     buffer: usize,
     max: usize,
+}
+
+/// What the hub has done so far, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Subscriptions open now.
+    pub open: usize,
+    /// Changes published. Every change is published once, in revision order, so this is
+    /// also the revision of the last one.
+    pub published: u64,
+    /// Subscriptions ended because they fell behind.
+    pub lagged: u64,
+    /// Changes that subscribers which fell behind never received: those that found their
+    /// queue full, and those still queued when the subscription ended.
+    pub dropped: u64,
 }
 
 #[derive(Default)]
@@ -173,6 +192,8 @@ impl Hub {
                 registry: Mutex::default(),
                 active: AtomicUsize::new(0),
                 published: AtomicU64::new(0),
+                lagged: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
                 buffer: buffer.max(1),
                 max,
             }),
@@ -236,6 +257,17 @@ impl Hub {
     /// Whether no subscription is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Open subscriptions and lifetime counters, read without taking the registry lock.
+    pub fn stats(&self) -> HubStats {
+        let inner = &self.inner;
+        HubStats {
+            open: self.len(),
+            published: inner.published.load(Ordering::Acquire),
+            lagged: inner.lagged.load(Ordering::Relaxed),
+            dropped: inner.dropped.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues a change for every subscriber whose prefix matches its key. Never waits: a
@@ -373,6 +405,7 @@ impl Subscription {
             // and the queued rest is worthless to a client that must resync anyway.
             self.ended = true;
             self.rx.close();
+            self.hub.inner.lagged.fetch_add(1, Ordering::Relaxed);
             let behind = missed + self.rx.len() as u64;
             return Poll::Ready(Some(Err(Lagged {
                 behind,
@@ -400,6 +433,12 @@ impl Stream for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.unsubscribe(&self.prefix, self.id);
+        // Unregistered, so no writer offers it more: the count of what it missed is final.
+        let missed = self.missed.load(Ordering::Acquire);
+        if missed > 0 {
+            let dropped = missed + self.rx.len() as u64;
+            self.hub.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
     }
 }
 
@@ -520,5 +559,12 @@ mod tests {
             }))
         );
         assert_eq!(sub.recv().await, None);
+        assert_eq!((hub.stats().lagged, hub.stats().dropped), (1, 0));
+        // Changes offered after it ended are missed too, until it is dropped.
+        hub.publish(&change("k5", 6));
+        drop(sub);
+        let stats = hub.stats();
+        assert_eq!((stats.open, stats.published), (0, 6));
+        assert_eq!((stats.lagged, stats.dropped), (1, 6));
     }
 }

@@ -3,6 +3,7 @@
 //! runs until shutdown, then drains within the deadline.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -24,6 +25,7 @@ use tracing::{Level, debug, info, warn};
 use crate::config::Settings;
 use crate::grpc::KvService;
 use crate::http;
+use crate::metrics::{self, Connections, Exporter, Metrics, RpcLayer};
 use crate::middleware::{Guard, guard_grpc};
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
@@ -101,18 +103,35 @@ impl Server {
         reporter
             .set_serving::<KeyValueStoreServer<KvService>>()
             .await;
-        let app = main_router(&settings, store.clone(), &draining, &stop, health_service)?;
+        let metrics = Arc::new(Metrics::new());
+        let guard = Guard::new(
+            settings.server.max_in_flight,
+            settings.server.request_timeout,
+            metrics.clone(),
+        );
+        let exporter = Exporter::new(metrics.clone(), store.clone(), guard.clone());
+        let app = main_router(
+            &settings,
+            store.clone(),
+            &draining,
+            &stop,
+            health_service,
+            guard,
+            &exporter,
+        )?;
         let drain = settings.shutdown.drain_timeout;
 
         info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", "listening");
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", "listening");
-                let routes = http_router(&draining);
-                Some(serve("health", listener, routes, stop.clone(), drain))
+                let routes = http_router(&draining, &exporter);
+                let open = metrics.connections("health");
+                Some(serve("health", listener, routes, stop.clone(), drain, open))
             }
             None => None,
         };
+        let main_open = metrics.connections("main");
         let servers = async {
             let health = async {
                 if let Some(task) = health_task {
@@ -120,7 +139,7 @@ impl Server {
                 }
             };
             tokio::join!(
-                serve("main", main, app, stop.clone(), drain),
+                serve("main", main, app, stop.clone(), drain, main_open),
                 health,
                 store.expire_until(stop.cancelled()),
             );
@@ -158,7 +177,8 @@ impl Server {
 
 /// gRPC (the KV service, health, reflection v1 and v1alpha) and the HTTP routes on one
 /// router. Each part gets its own trace layer; only the KV service is guarded, so health
-/// checks and reflection answer while KV calls are shed.
+/// checks and reflection answer while KV calls are shed. Its metrics layer sits outside the
+/// guard, so calls the guard refuses are counted too.
 fn main_router(
     settings: &Settings,
     store: Store,
@@ -167,16 +187,16 @@ fn main_router(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
+    guard: Guard,
+    exporter: &Exporter,
 ) -> anyhow::Result<Router> {
-    let kv = KvService::new(store, settings.limits, stop.clone()).into_server();
-    let guard = Guard::new(
-        settings.server.max_in_flight,
-        settings.server.request_timeout,
-    );
+    let metrics = exporter.metrics();
+    let kv = KvService::new(store, settings.limits, stop.clone(), metrics.clone()).into_server();
     let kv = Routes::new(kv)
         .into_axum_router()
         .reset_fallback()
-        .layer(axum::middleware::from_fn_with_state(guard, guard_grpc));
+        .layer(axum::middleware::from_fn_with_state(guard, guard_grpc))
+        .layer(RpcLayer::new(metrics));
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -199,10 +219,12 @@ fn main_router(
         .on_eos(DefaultOnEos::new().level(Level::DEBUG))
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
     let grpc = kv.merge(support).layer(grpc_trace);
-    Ok(http_router(draining).merge(grpc).fallback(http::fallback))
+    Ok(http_router(draining, exporter)
+        .merge(grpc)
+        .fallback(http::fallback))
 }
 
-fn http_router(draining: &CancellationToken) -> Router {
+fn http_router(draining: &CancellationToken, exporter: &Exporter) -> Router {
     let trace = TraceLayer::new_for_http()
         .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
         .on_response(
@@ -211,6 +233,7 @@ fn http_router(draining: &CancellationToken) -> Router {
                 .latency_unit(LatencyUnit::Micros),
         );
     http::router(draining.clone())
+        .merge(metrics::router(exporter.clone()))
         .layer(trace)
         .fallback(http::fallback)
 }
@@ -223,6 +246,7 @@ async fn serve(
     app: Router,
     stop: CancellationToken,
     drain: Duration,
+    open: Connections,
 ) {
     let mut connections = JoinSet::new();
     loop {
@@ -231,7 +255,8 @@ async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    connections.spawn(serve_connection(stream, peer, app.clone(), stop.clone()));
+                    let connection = serve_connection(stream, peer, app.clone(), stop.clone());
+                    connections.spawn(open.track(connection));
                 }
                 Err(err) => {
                     // Usually out of file descriptors: back off instead of spinning.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::config::{HistorySettings, SubscriptionSettings};
-use crate::pubsub::{Change, ChangeKind, Event, Hub, Key, Subscription, TooManySubscriptions};
+use crate::pubsub::{
+    Change, ChangeKind, Event, Hub, HubStats, Key, Subscription, TooManySubscriptions,
+};
 use crate::record::{Meta, Record, Value};
 
 /// A handle to the shared store; clones share the same data.
@@ -36,6 +38,20 @@ struct State {
     expiry: BTreeSet<(Instant, Key)>,
     /// Records keep their deadline as nanoseconds after this instant, in one word.
     epoch: Instant,
+    /// The lengths of every key and value in the map, kept as they change so that
+    /// reading it never walks the map.
+    bytes: usize,
+}
+
+/// The size of the store and what its subscribers have seen, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Keys in the map, counting expired keys not yet removed.
+    pub keys: usize,
+    /// The lengths of those keys and their values, in bytes.
+    pub bytes: usize,
+    /// Subscriptions and the changes published to them.
+    pub subscribers: HubStats,
 }
 
 /// A key, its value and its revisions, as read.
@@ -188,6 +204,7 @@ impl Store {
             history: History::new(history),
             expiry: BTreeSet::new(),
             epoch: clock.now(),
+            bytes: 0,
         };
         Self {
             state: Arc::new(RwLock::new(state)),
@@ -320,6 +337,16 @@ impl Store {
     /// The number of open subscriptions.
     pub fn subscriptions(&self) -> usize {
         self.hub.len()
+    }
+
+    /// Sizes and subscriber counters, under a short read lock.
+    pub fn stats(&self) -> Stats {
+        let state = self.read();
+        Stats {
+            keys: state.map.len(),
+            bytes: state.bytes,
+            subscribers: self.hub.stats(),
+        }
     }
 
     /// The number of keys stored, counting expired keys not yet removed.
@@ -483,7 +510,10 @@ impl State {
             }
             self.expiry.insert((at, Key::from(key)));
         }
-        self.map.replace(record.clone());
+        self.bytes += record.size();
+        if let Some(old) = self.map.replace(record.clone()) {
+            self.bytes -= old.size();
+        }
         self.apply(
             Change {
                 kind: ChangeKind::Set,
@@ -519,6 +549,7 @@ impl State {
     }
 
     fn remove(&mut self, record: &Record, kind: ChangeKind, hub: &Hub) -> u64 {
+        self.bytes -= record.size();
         if let Some(at) = self.deadline(record.meta()) {
             self.expiry.remove(&(at, Key::from(record.key())));
         }
@@ -1175,6 +1206,11 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(store.revision(), model.revision);
+                // Both still hold expired keys until a write or a sweep removes them.
+                let stats = store.stats();
+                let bytes: usize = model.map.iter().map(|(k, e)| k.len() + e.value.len()).sum();
+                prop_assert_eq!((stats.keys, stats.bytes), (model.map.len(), bytes));
+                prop_assert_eq!(stats.subscribers.published, model.revision);
             }
             // Every change reached the subscriber, exactly as the model logged it.
             let seen: Vec<_> = changes(drain(&mut everything))

@@ -6,6 +6,7 @@ mod client;
 mod health;
 mod helpers;
 mod kv;
+mod metrics;
 mod proxy;
 mod shutdown;
 mod subscribe;

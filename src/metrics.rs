@@ -1,0 +1,830 @@
+//! Prometheus metrics: the counters the server bumps as it works (one atomic add each, on
+//! handles resolved once), the state read from the store and the guard only at scrape time,
+//! and `GET /metrics`, encoded by `prometheus-client`. The hooks stay where things happen:
+//! [`RpcLayer`] around the KV service, [`Connections`] in the accept loop, [`Metrics::refused`]
+//! at each limit.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper::body::{Bytes, Frame, SizeHint};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text, text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use tower::{Layer, Service};
+
+use crate::middleware::Guard;
+use crate::pb::key_value_store_server::SERVICE_NAME;
+use crate::store::Store;
+
+/// The `Content-Type` of the OpenMetrics text format, served to scrapers that ask for it.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The gRPC status codes by number, named as in the gRPC spec; these are the `code` labels.
+const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+const CANCELLED: u8 = 1;
+const UNKNOWN: u8 = 2;
+const PERMISSION_DENIED: u8 = 7;
+const UNIMPLEMENTED: u8 = 12;
+const INTERNAL: u8 = 13;
+const UNAVAILABLE: u8 = 14;
+const UNAUTHENTICATED: u8 = 16;
+
+/// Upper bounds of the latency buckets in nanoseconds: 10 µs to 10 s in 1-2.5-5 steps. A Get
+/// takes tens of microseconds; `server.request_timeout` (10 s by default) cuts the slowest.
+const BUCKETS_NS: [u64; 19] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// The KV service's RPCs, as the `method` label names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    /// `Get`.
+    Get,
+    /// `Set`.
+    Set,
+    /// `Delete`.
+    Delete,
+    /// `List`.
+    List,
+    /// `Batch`.
+    Batch,
+    /// `Subscribe`: counted when its stream ends, and not timed.
+    Subscribe,
+    /// A method the service does not have (answered `UNIMPLEMENTED`); one label for all,
+    /// so a client cannot grow the number of series.
+    Unknown,
+}
+
+impl Rpc {
+    const ALL: [Self; 7] = [
+        Self::Get,
+        Self::Set,
+        Self::Delete,
+        Self::List,
+        Self::Batch,
+        Self::Subscribe,
+        Self::Unknown,
+    ];
+
+    /// The RPC a request path names: `/kvstore.KeyValueStore/Get` is [`Rpc::Get`].
+    pub fn from_path(path: &str) -> Self {
+        let method = path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(SERVICE_NAME))
+            .and_then(|p| p.strip_prefix('/'));
+        match method {
+            Some("Get") => Self::Get,
+            Some("Set") => Self::Set,
+            Some("Delete") => Self::Delete,
+            Some("List") => Self::List,
+            Some("Batch") => Self::Batch,
+            Some("Subscribe") => Self::Subscribe,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The `method` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Get => "Get",
+            Self::Set => "Set",
+            Self::Delete => "Delete",
+            Self::List => "List",
+            Self::Batch => "Batch",
+            Self::Subscribe => "Subscribe",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A configured limit that refused a request, as the `limit` label names it: its config key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `server.max_in_flight`: the call was shed.
+    MaxInFlight,
+    /// `server.request_timeout`: the call ran past the server's deadline (a client's own
+    /// shorter `grpc-timeout` is not a refusal by the server).
+    RequestTimeout,
+    /// `subscriptions.max`: the Subscribe was refused.
+    SubscriptionsMax,
+    /// `limits.max_key_bytes`: a key, prefix, pattern or `start_after` was too long.
+    MaxKeyBytes,
+    /// `limits.max_value_bytes`: a value was too long.
+    MaxValueBytes,
+    /// `limits.max_batch_ops`: a Batch carried too many ops.
+    MaxBatchOps,
+}
+
+impl Limit {
+    const ALL: [Self; 6] = [
+        Self::MaxInFlight,
+        Self::RequestTimeout,
+        Self::SubscriptionsMax,
+        Self::MaxKeyBytes,
+        Self::MaxValueBytes,
+        Self::MaxBatchOps,
+    ];
+
+    /// The config key of the limit, which is also the `limit` label.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::MaxInFlight => "server.max_in_flight",
+            Self::RequestTimeout => "server.request_timeout",
+            Self::SubscriptionsMax => "subscriptions.max",
+            Self::MaxKeyBytes => "limits.max_key_bytes",
+            Self::MaxValueBytes => "limits.max_value_bytes",
+            Self::MaxBatchOps => "limits.max_batch_ops",
+        }
+    }
+}
+
+/// The counters of one server, shared by every part that counts something. Each series has
+/// its handle from the start, so counting never looks up or allocates a label set.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Calls that ended, by [`Rpc`] and then by status code.
+    calls: [[Counter; CODES.len()]; Rpc::ALL.len()],
+    /// Call latency by [`Rpc`] (Subscribe's and Unknown's stay empty).
+    latency: [Latency; Rpc::ALL.len()],
+    refusals: [Counter; Limit::ALL.len()],
+    events_delivered: Counter,
+    connections: Family<[(&'static str, &'static str); 1], Gauge>,
+    started: Instant,
+    start_time: SystemTime,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every counter at zero, and the start time now.
+    pub fn new() -> Self {
+        let connections = Family::default();
+        // Both listeners are listed from the first scrape, at 0.
+        for listener in ["main", "health"] {
+            connections.get_or_create_owned(&[("listener", listener)]);
+        }
+        Self {
+            calls: Default::default(),
+            latency: Default::default(),
+            refusals: Default::default(),
+            events_delivered: Counter::default(),
+            connections,
+            started: Instant::now(),
+            start_time: SystemTime::now(),
+        }
+    }
+
+    /// Counts one request refused by `limit`.
+    pub fn refused(&self, limit: Limit) {
+        self.refusals[limit as usize].inc();
+    }
+
+    /// Requests refused by `limit` so far.
+    #[cfg(test)]
+    pub(crate) fn refusals(&self, limit: Limit) -> u64 {
+        self.refusals[limit as usize].get()
+    }
+
+    /// The counter of change events sent to Subscribe clients.
+    pub fn events_delivered(&self) -> Counter {
+        self.events_delivered.clone()
+    }
+
+    /// The open-connection gauge of the listener called `listener` (`main`, `health`).
+    pub fn connections(&self, listener: &'static str) -> Connections {
+        Connections(
+            self.connections
+                .get_or_create_owned(&[("listener", listener)]),
+        )
+    }
+
+    fn record(&self, rpc: Rpc, code: u8, elapsed: Duration) {
+        self.calls[rpc as usize][usize::from(code)].inc();
+        // A stream's lifetime says nothing about the server's speed, so it is not timed;
+        // nor are calls to methods that do not exist.
+        if !matches!(rpc, Rpc::Subscribe | Rpc::Unknown) {
+            self.latency[rpc as usize].observe(elapsed);
+        }
+    }
+}
+
+/// A histogram of latencies whose `observe` is two atomic adds. prometheus-client's own
+/// histogram takes a mutex per observation, which every unary call would contend on.
+#[derive(Debug, Default)]
+struct Latency {
+    /// Observations per bucket (not cumulative); the last is above every bound.
+    buckets: [AtomicU64; BUCKETS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    fn observe(&self, elapsed: Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        // Buckets are `le`: a bound includes the value equal to it.
+        let bucket = BUCKETS_NS.partition_point(|&bound| bound < ns);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        let bounds = BUCKETS_NS
+            .iter()
+            .map(|&ns| seconds(ns))
+            .chain([f64::INFINITY]);
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the buckets' total, so it always agrees with the +Inf bucket.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = seconds(self.sum_ns.load(Ordering::Relaxed));
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+fn seconds(ns: u64) -> f64 {
+    // Exact for the bucket bounds, and within a nanosecond for any sum below 104 days.
+    ns as f64 / 1e9
+}
+
+/// One listener's open-connection gauge.
+#[derive(Debug, Clone)]
+pub struct Connections(Gauge);
+
+impl Connections {
+    /// Counts `connection` as open from now until it completes or is dropped.
+    pub fn track<F: Future>(&self, connection: F) -> impl Future<Output = F::Output> + use<F> {
+        let open = Open::new(&self.0);
+        async move {
+            let _open = open;
+            connection.await
+        }
+    }
+}
+
+struct Open(Gauge);
+
+impl Open {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A tower layer that counts every call to the service it wraps by method and final gRPC
+/// status, and times unary calls until the end of their response body.
+#[derive(Debug, Clone)]
+pub struct RpcLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RpcLayer {
+    /// Counts into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service of [`RpcLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B> Service<http::Request<B>> for RpcService<S>
+where
+    S: Service<http::Request<B>, Response = Response>,
+{
+    type Response = Response<RpcBody>;
+    type Error = S::Error;
+    type Future = RpcFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = Call {
+            metrics: self.metrics.clone(),
+            rpc: Rpc::from_path(request.uri().path()),
+            started: Instant::now(),
+            code: CANCELLED,
+        };
+        RpcFuture {
+            inner: self.inner.call(request),
+            call: Some(call),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`RpcService`].
+    pub struct RpcFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<Call>,
+    }
+}
+
+impl<F, E> Future for RpcFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response<RpcBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let call = this.call.take();
+        Poll::Ready(result.map(|response| {
+            // A status in the headers (a trailers-only response) or an HTTP error ends the
+            // call now: its body carries nothing more.
+            let call = match (call, status_in_headers(&response)) {
+                (Some(call), Some(code)) => {
+                    call.end(code);
+                    None
+                }
+                (call, _) => call,
+            };
+            response.map(|inner| RpcBody { inner, call })
+        }))
+    }
+}
+
+/// The call being measured; it is recorded once, when dropped, with the last code set. A
+/// call dropped before it ended (the client went away) counts as `CANCELLED`.
+struct Call {
+    metrics: Arc<Metrics>,
+    rpc: Rpc,
+    started: Instant,
+    code: u8,
+}
+
+impl Call {
+    fn end(mut self, code: u8) {
+        self.code = code;
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.metrics
+            .record(self.rpc, self.code, self.started.elapsed());
+    }
+}
+
+/// A response body that ends its call when the `grpc-status` trailer goes by.
+pub struct RpcBody {
+    // Dropped first: a cancelled Subscribe is counted before dropping the stream
+    // unregisters its subscription, so whoever sees it gone sees it counted.
+    call: Option<Call>,
+    inner: Body,
+}
+
+impl hyper::body::Body for RpcBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let code = match &frame {
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|trailers| grpc_code(trailers.get("grpc-status"))),
+            // The stream is reset; gRPC clients report that as INTERNAL.
+            Some(Err(_)) => Some(INTERNAL),
+            None => Some(UNKNOWN),
+        };
+        if let Some(code) = code
+            && let Some(call) = this.call.take()
+        {
+            call.end(code);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The code a response settles in its headers: a trailers-only `grpc-status`, or an HTTP
+/// error mapped as gRPC clients map it.
+fn status_in_headers(response: &Response) -> Option<u8> {
+    if let Some(status) = response.headers().get("grpc-status") {
+        return Some(grpc_code(Some(status)));
+    }
+    match response.status() {
+        StatusCode::OK => None,
+        StatusCode::BAD_REQUEST => Some(INTERNAL),
+        StatusCode::UNAUTHORIZED => Some(UNAUTHENTICATED),
+        StatusCode::FORBIDDEN => Some(PERMISSION_DENIED),
+        StatusCode::NOT_FOUND => Some(UNIMPLEMENTED),
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => Some(UNAVAILABLE),
+        _ => Some(UNKNOWN),
+    }
+}
+
+fn grpc_code(status: Option<&HeaderValue>) -> u8 {
+    status
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|&code| usize::from(code) < CODES.len())
+        .unwrap_or(UNKNOWN)
+}
+
+/// What `GET /metrics` serves: the counters of [`Metrics`], and the state of the store and
+/// the guard read at each scrape.
+#[derive(Clone)]
+pub struct Exporter {
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+}
+
+impl Exporter {
+    /// Exports `metrics`, and reads `store` and `guard` at each scrape.
+    pub fn new(metrics: Arc<Metrics>, store: Store, guard: Guard) -> Self {
+        let mut registry = Registry::with_prefix("kvstore");
+        registry.register_collector(Box::new(Scrape {
+            metrics: metrics.clone(),
+            store,
+            guard,
+        }));
+        Self {
+            metrics,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The counters this exports.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The text exposition: OpenMetrics if `openmetrics`, else Prometheus' 0.0.4 format.
+    /// Returns the content type and the body.
+    pub fn encode(&self, openmetrics: bool) -> Result<(&'static str, String), fmt::Error> {
+        let mut body = String::with_capacity(16 * 1024);
+        if openmetrics {
+            text::encode(&mut body, &self.registry)?;
+            Ok((OPENMETRICS_CONTENT_TYPE, body))
+        } else {
+            prometheus_text::encode(&mut body, &self.registry)?;
+            Ok((prometheus_text::CONTENT_TYPE, body))
+        }
+    }
+}
+
+/// `GET /metrics`, served on the main listener and on the legacy health listener.
+pub fn router(exporter: Exporter) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(exporter)
+}
+
+/// Prometheus asks for OpenMetrics in its `Accept` header; everyone else gets the classic
+/// text format, which every Prometheus-compatible scraper reads.
+async fn scrape(State(exporter): State<Exporter>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    match exporter.encode(openmetrics) {
+        Ok((content_type, body)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "encoding metrics failed");
+            let message = "encoding the metrics failed; see the server log";
+            (StatusCode::INTERNAL_SERVER_ERROR, message).into_response()
+        }
+    }
+}
+
+/// The collector behind `/metrics`: encodes each metric in the order the README lists them.
+struct Scrape {
+    metrics: Arc<Metrics>,
+    store: Store,
+    guard: Guard,
+}
+
+impl fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scrape").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let m = &self.metrics;
+        let build = encoder.encode_descriptor(
+            "build",
+            "The version of kvstore serving",
+            None,
+            MetricType::Info,
+        )?;
+        Info::new([("version", env!("CARGO_PKG_VERSION"))]).encode(build)?;
+
+        let mut calls = encoder.encode_descriptor(
+            "grpc_requests",
+            "KV service calls that ended, by method and gRPC status code (Subscribe when its stream ends)",
+            None,
+            MetricType::Counter,
+        )?;
+        for rpc in Rpc::ALL {
+            for (code, name) in CODES.iter().enumerate() {
+                let count = m.calls[rpc as usize][code].get();
+                if rpc == Rpc::Unknown && count == 0 {
+                    continue;
+                }
+                let labels = [("method", rpc.name()), ("code", *name)];
+                ConstCounter::new(count).encode(calls.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut latency = encoder.encode_descriptor(
+            "grpc_request_duration",
+            "Latency of unary KV service calls, from request to the end of the response",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for rpc in Rpc::ALL {
+            if matches!(rpc, Rpc::Subscribe | Rpc::Unknown) {
+                continue;
+            }
+            let labels = [("method", rpc.name())];
+            m.latency[rpc as usize].encode(latency.encode_family(&labels)?)?;
+        }
+
+        gauge(
+            &mut encoder,
+            "grpc_requests_in_flight",
+            "KV service calls being handled now (the ones server.max_in_flight counts)",
+            self.guard.in_flight(),
+        )?;
+        let connections = encoder.encode_descriptor(
+            "connections_open",
+            "TCP connections open, by listener",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.connections.encode(connections)?;
+
+        let stats = self.store.stats();
+        let subscribers = stats.subscribers;
+        gauge(
+            &mut encoder,
+            "subscriptions_open",
+            "Subscribe streams open",
+            subscribers.open,
+        )?;
+        counter(
+            &mut encoder,
+            "events_published",
+            "Changes published to subscribers: one per write, delete or expiry",
+            subscribers.published,
+        )?;
+        counter(
+            &mut encoder,
+            "events_delivered",
+            "Change events sent to Subscribe clients (progress heartbeats not included)",
+            m.events_delivered.get(),
+        )?;
+        counter(
+            &mut encoder,
+            "events_dropped",
+            "Changes never sent to subscribers that fell behind",
+            subscribers.dropped,
+        )?;
+        counter(
+            &mut encoder,
+            "subscribers_lagged",
+            "Subscribe streams ended with RESOURCE_EXHAUSTED because they fell behind (subscriptions.buffer)",
+            subscribers.lagged,
+        )?;
+        gauge(
+            &mut encoder,
+            "keys",
+            "Keys stored, counting expired keys not yet removed",
+            stats.keys,
+        )?;
+        gauge(
+            &mut encoder,
+            "stored_bytes",
+            "Bytes of the keys and values stored",
+            stats.bytes,
+        )?;
+
+        let mut refusals = encoder.encode_descriptor(
+            "limit_refusals",
+            "Requests refused by a configured limit, by its config key",
+            None,
+            MetricType::Counter,
+        )?;
+        for limit in Limit::ALL {
+            let labels = [("limit", limit.key())];
+            m.refusals[limit as usize].encode(refusals.encode_family(&labels)?)?;
+        }
+
+        let since_epoch = m.start_time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let start = encoder.encode_descriptor(
+            "start_time",
+            "When the server started, in seconds since the Unix epoch",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(since_epoch.as_secs_f64()).encode(start)?;
+        let uptime = encoder.encode_descriptor(
+            "uptime",
+            "Time since the server started",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(m.started.elapsed().as_secs_f64()).encode(uptime)?;
+        Ok(())
+    }
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: usize,
+) -> Result<(), fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_their_rpc_and_anything_else_is_unknown() {
+        assert_eq!(Rpc::from_path("/kvstore.KeyValueStore/Get"), Rpc::Get);
+        assert_eq!(
+            Rpc::from_path("/kvstore.KeyValueStore/Subscribe"),
+            Rpc::Subscribe
+        );
+        for other in [
+            "/kvstore.KeyValueStore/Nope",
+            "/kvstore.KeyValueStore/",
+            "/kvstore.KeyValueStoreX/Get",
+            "/grpc.health.v1.Health/Check",
+            "",
+        ] {
+            assert_eq!(Rpc::from_path(other), Rpc::Unknown, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_status_values_map_to_codes_and_garbage_to_unknown() {
+        let code = |v: &'static str| grpc_code(Some(&HeaderValue::from_static(v)));
+        assert_eq!(code("0"), 0);
+        assert_eq!(code("16"), 16);
+        for bad in ["17", "-1", "", "OK", "255", "256"] {
+            assert_eq!(code(bad), UNKNOWN, "{bad:?}");
+        }
+        assert_eq!(grpc_code(None), UNKNOWN);
+    }
+
+    #[test]
+    fn a_latency_on_a_bucket_bound_falls_in_that_bucket() {
+        let latency = Latency::default();
+        latency.observe(Duration::from_micros(10));
+        latency.observe(Duration::from_nanos(10_001));
+        latency.observe(Duration::from_secs(60));
+        let counts: Vec<u64> = latency
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(&counts[..2], [1, 1]);
+        assert_eq!(counts[BUCKETS_NS.len()], 1, "above every bound");
+        assert_eq!(counts.iter().sum::<u64>(), 3);
+        assert_eq!(
+            latency.sum_ns.load(Ordering::Relaxed),
+            10_000 + 10_001 + 60_000_000_000
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_open_until_its_future_completes_or_is_dropped() {
+        let metrics = Metrics::new();
+        let main = metrics.connections("main");
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let first = main.track(finished);
+        let second = main.track(std::future::pending::<()>());
+        assert_eq!(main.0.get(), 2);
+        done.send(()).unwrap();
+        first.await.unwrap();
+        assert_eq!(main.0.get(), 1);
+        drop(second);
+        assert_eq!(main.0.get(), 0);
+        assert_eq!(metrics.connections("health").0.get(), 0);
+    }
+}
