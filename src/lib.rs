@@ -7,17 +7,20 @@
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
 //! - [`middleware`]: the in-flight limit and the deadline of unary gRPC calls.
+//! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
 //! - [`endpoint`]: the server address the command-line tools accept.
 
+pub mod auth;
 pub mod config;
 pub mod endpoint;
 pub mod grpc;
 pub mod http;
 pub mod middleware;
 pub mod pubsub;
+pub mod rate_limit;
 pub mod server;
 pub mod shutdown;
 pub mod store;

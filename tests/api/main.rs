@@ -1,11 +1,13 @@
 //! End-to-end tests: the real server on 127.0.0.1:0, spoken to over TCP with the generated
 //! gRPC client, plain HTTP/1.1 and HTTP/2, and the real binaries.
 
+mod auth;
 mod binaries;
 mod client;
 mod health;
 mod helpers;
 mod kv;
 mod proxy;
+mod rate_limit;
 mod shutdown;
 mod subscribe;
