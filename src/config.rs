@@ -18,8 +18,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const ENV_PREFIX: &str = "KVSTORE_";
 
 /// Variables with [`ENV_PREFIX`] that are not settings but are expected: the config file
-/// path, and the client's endpoint (the two binaries often share an environment).
-const ENV_NOT_SETTINGS: [&str; 2] = ["KVSTORE_CONFIG", "KVSTORE_ENDPOINT"];
+/// path, and the client's endpoint and token (the two binaries often share an environment).
+const ENV_NOT_SETTINGS: [&str; 3] = ["KVSTORE_CONFIG", "KVSTORE_ENDPOINT", "KVSTORE_TOKEN"];
 
 /// Everything the server can be configured with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +29,10 @@ pub struct Settings {
     pub server: ServerSettings,
     /// Size limits of keys and values.
     pub limits: Limits,
+    /// Bearer-token authentication.
+    pub auth: AuthSettings,
+    /// The per-client request rate limit.
+    pub rate_limit: RateLimitSettings,
     /// Subscriber buffers and caps.
     pub subscriptions: SubscriptionSettings,
     /// The retained change history that subscriptions resume from.
@@ -70,6 +74,69 @@ pub struct Limits {
     /// The largest Batch message, in bytes (a single set may always be as large as the key
     /// and value limits allow).
     pub max_batch_bytes: usize,
+    /// The largest request body of a plain HTTP route, in bytes (gRPC messages have their
+    /// own limits above).
+    pub max_http_body_bytes: usize,
+}
+
+/// `[auth]`: bearer tokens, known by their SHA-256 digests, each with a role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Whether calls need a token. Health checks never do.
+    pub enabled: bool,
+    /// Tokens given inline.
+    pub tokens: Vec<TokenSpec>,
+    /// A file of more tokens, one `ROLE SHA256 [NAME]` a line; empty for none.
+    pub token_file: PathBuf,
+    /// Whether gRPC reflection needs a token (any role).
+    pub protect_reflection: bool,
+    /// Whether `GET /metrics` needs a token (any role).
+    pub protect_metrics: bool,
+}
+
+/// One token of `auth.tokens`. The token itself is never configured, only its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSpec {
+    /// The SHA-256 of the token's text, as 64 hex digits.
+    pub sha256: String,
+    /// What the token may do.
+    pub role: Role,
+    /// A name for logs and refusals; empty names it by the start of its digest.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// What a token may do. `ReadWrite` may do everything `Read` may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Get, List, Subscribe, and Batch calls of only gets.
+    Read,
+    /// Every call, including Set, Delete and Batch calls that write.
+    ReadWrite,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Read => "read",
+            Self::ReadWrite => "readwrite",
+        })
+    }
+}
+
+/// `[rate_limit]`: a token bucket per client, keyed by its token (or by its address when it
+/// presents none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Requests per second each client may make on average; 0 turns the limit off.
+    pub per_client: u32,
+    /// Requests a client may make at once after a pause (the bucket's size); 0 means
+    /// `per_client`.
+    pub burst: u32,
 }
 
 /// `[subscriptions]`: buffers and caps of change streams.
@@ -140,6 +207,18 @@ impl Default for Settings {
                 max_page: 10_000,
                 max_batch_ops: 10_000,
                 max_batch_bytes: 4 * 1024 * 1024,
+                max_http_body_bytes: 2 * 1024 * 1024,
+            },
+            auth: AuthSettings {
+                enabled: false,
+                tokens: Vec::new(),
+                token_file: PathBuf::new(),
+                protect_reflection: true,
+                protect_metrics: true,
+            },
+            rate_limit: RateLimitSettings {
+                per_client: 0,
+                burst: 0,
             },
             subscriptions: SubscriptionSettings {
                 buffer: 1024,
@@ -384,6 +463,16 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
     if let Err(err) = crate::telemetry::filter_directives(&settings.log.level) {
         return Err(invalid(figment, "log.level", &err));
     }
+    // Read here too, not only when serving, so a bad token file is a configuration error.
+    let keyring = crate::auth::Keyring::load(&settings.auth)
+        .map_err(|err| invalid(figment, err.key, &err.problem))?;
+    if settings.auth.enabled && keyring.is_empty() {
+        return Err(invalid(
+            figment,
+            "auth.enabled",
+            "is true but no token is configured; add auth.tokens or auth.token_file",
+        ));
+    }
     Ok(())
 }
 
@@ -585,6 +674,12 @@ mod tests {
         let mut settings = Settings::default();
         settings.server.health_listen = None;
         settings.shutdown.drain_delay = Duration::from_millis(250);
+        settings.auth.tokens.push(TokenSpec {
+            sha256: "ab".repeat(32),
+            role: Role::ReadWrite,
+            name: "ci".into(),
+        });
+        settings.auth.token_file = "tokens.txt".into();
         let parsed: Settings = Figment::from(Toml::string(&settings.to_toml()))
             .extract()
             .unwrap();
@@ -818,6 +913,141 @@ mod tests {
             jail.set_env("GRPC_PORT", "65536");
             let message = error_in(jail, Flags::default());
             assert!(message.contains("GRPC_PORT"), "{message}");
+            Ok(())
+        });
+    }
+
+    const DIGEST_A: &str = "f52fbd32b2b3b86ff88ef6c490628285f482af15ddcb29541f94bcf526a3f6c7";
+    const DIGEST_B: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b";
+
+    #[test]
+    fn tokens_come_from_the_file_inline_and_the_environment() {
+        Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
+            jail.create_file(
+                "tokens.txt",
+                &format!(
+                    "# role digest name\n\nread {DIGEST_A} dashboard  # trailing comment\n  readwrite\t{}\n",
+                    DIGEST_B.to_uppercase()
+                ),
+            )?;
+            jail.create_file(
+                "kv.toml",
+                &format!(
+                    "[auth]\nenabled = true\ntoken_file = \"tokens.txt\"\n\
+                     tokens = [{{ sha256 = \"{}\", role = \"readwrite\", name = \"ci\" }}]\n",
+                    "cd".repeat(32)
+                ),
+            )?;
+            let file = Flags {
+                config: Some("kv.toml".into()),
+                ..Flags::default()
+            };
+            let s = load_in(jail, file).unwrap().settings;
+            assert!(s.auth.enabled);
+            assert_eq!(s.auth.tokens[0].role, Role::ReadWrite);
+            assert_eq!(crate::auth::Keyring::load(&s.auth).unwrap().len(), 3);
+            // The file's digests stay in the file: --print-config shows only its path.
+            let printed = s.to_toml();
+            assert!(printed.contains("tokens.txt"), "{printed}");
+            assert!(!printed.contains(DIGEST_A), "{printed}");
+
+            jail.set_env("KVSTORE_AUTH__ENABLED", "true");
+            jail.set_env("KVSTORE_AUTH__TOKEN_FILE", "tokens.txt");
+            jail.set_env(
+                "KVSTORE_AUTH__TOKENS",
+                format!("[{{sha256=\"{}\", role=\"read\"}}]", "ef".repeat(32)),
+            );
+            jail.set_env("KVSTORE_AUTH__PROTECT_REFLECTION", "false");
+            jail.set_env("KVSTORE_RATE_LIMIT__PER_CLIENT", "50");
+            jail.set_env("KVSTORE_LIMITS__MAX_HTTP_BODY_BYTES", "10");
+            let loaded = load_in(jail, Flags::default()).unwrap();
+            assert!(loaded.ignored_env.is_empty(), "{:?}", loaded.ignored_env);
+            let s = loaded.settings;
+            assert!(s.auth.enabled && !s.auth.protect_reflection);
+            assert_eq!(s.auth.tokens[0].role, Role::Read);
+            assert_eq!(crate::auth::Keyring::load(&s.auth).unwrap().len(), 3);
+            assert_eq!(s.rate_limit.per_client, 50);
+            assert_eq!(s.limits.max_http_body_bytes, 10);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn each_bad_token_entry_is_one_line_naming_its_place_but_not_its_content() {
+        Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
+            let with_tokens = |file: &str, toml: &str| -> Result<String, figment::Error> {
+                jail.create_file("tokens.txt", file)?;
+                jail.create_file("kv.toml", &format!("[auth]\n{toml}"))?;
+                Ok(error_in(
+                    jail,
+                    Flags {
+                        config: Some("kv.toml".into()),
+                        ..Flags::default()
+                    },
+                ))
+            };
+            let file = "token_file = \"tokens.txt\"\n";
+            let cases = [
+                (
+                    with_tokens(
+                        &format!("# ok\nread {DIGEST_A}\nreadwrite s3cret-token\n"),
+                        file,
+                    )?,
+                    "auth.token_file tokens.txt:3: the second field must be a SHA-256 digest",
+                ),
+                (
+                    with_tokens(&format!("s3cret-token {DIGEST_A}\n"), file)?,
+                    "auth.token_file tokens.txt:1: the role (first field) must be read or readwrite",
+                ),
+                (
+                    with_tokens("s3cret-token\n", file)?,
+                    "auth.token_file tokens.txt:1: expected `ROLE SHA256 [NAME]`, found 1 fields",
+                ),
+                (
+                    with_tokens(
+                        &format!("read {DIGEST_A} a\nreadwrite {DIGEST_A} b\n"),
+                        file,
+                    )?,
+                    "auth.token_file tokens.txt:2: repeats the digest of token \"a\"",
+                ),
+                (
+                    with_tokens("", "token_file = \"missing.txt\"\n")?,
+                    "auth.token_file cannot read missing.txt",
+                ),
+                (
+                    with_tokens(
+                        "",
+                        "tokens = [{ sha256 = \"s3cret-token\", role = \"read\" }]\n",
+                    )?,
+                    "auth.tokens entry 1: sha256 must be a SHA-256 digest",
+                ),
+                (
+                    with_tokens(
+                        "",
+                        &format!("tokens = [{{ sha256 = \"{DIGEST_A}\", role = \"admin\" }}]\n"),
+                    )?,
+                    "auth.tokens",
+                ),
+                (
+                    with_tokens("", "enabled = true\n")?,
+                    "auth.enabled is true but no token is configured",
+                ),
+                (
+                    with_tokens("", "protect_metrics = \"yes\"\n")?,
+                    "auth.protect_metrics",
+                ),
+            ];
+            for (message, expected) in cases {
+                assert!(message.starts_with("configuration error: "), "{message}");
+                assert!(!message.contains('\n'), "{message}");
+                assert!(message.contains(expected), "{message:?} says {expected:?}");
+                assert!(message.contains("kv.toml"), "{message:?} names the file");
+                assert!(!message.contains("s3cret"), "{message:?} quotes a token");
+            }
             Ok(())
         });
     }

@@ -14,7 +14,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::config::Limits;
+use crate::auth::Caller;
+use crate::config::{Limits, Role};
 use crate::metrics::{Limit, Metrics};
 use crate::pb::change_event::ChangeType;
 use crate::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
@@ -293,7 +294,17 @@ impl KeyValueStore for KvService {
         &self,
         request: Request<BatchRequest>,
     ) -> Result<Response<BatchResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let ops = request.into_inner().ops;
+        if let Some(caller) = caller {
+            // The edge let any token in; only now are the ops known.
+            let write = ops
+                .iter()
+                .position(|op| !matches!(op.op, Some(batch_op::Op::Get(_)) | None));
+            if let Some(i) = write {
+                caller.require(Role::ReadWrite, &format!("a Batch that writes (op {i})"))?;
+            }
+        }
         if ops.len() > self.limits.max_batch_ops {
             self.metrics.refused(Limit::MaxBatchOps);
             return Err(Status::invalid_argument(format!(
@@ -552,6 +563,7 @@ mod tests {
             max_page: 10,
             max_batch_ops: 4,
             max_batch_bytes: 1024,
+            max_http_body_bytes: 1024,
         };
         let defaults = crate::config::Settings::default();
         let store = Store::new(defaults.subscriptions, defaults.history);

@@ -1,9 +1,10 @@
 //! The HTTP routes, served on the main listener beside gRPC and alone on the legacy health
 //! listener: `/health/live`, `/health/ready`, and a fallback that answers 404 in JSON, or
-//! `UNIMPLEMENTED` to a gRPC call for an unknown service.
+//! `UNIMPLEMENTED` to a gRPC call for an unknown service; and the body limit of these routes.
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -46,4 +47,27 @@ pub async fn fallback(request: Request) -> Response {
     }
     let body = json!({ "error": format!("no route for {} {path}", request.method()) });
     (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+/// The middleware function, for `axum::middleware::from_fn_with_state(max, limit_body)` on
+/// the HTTP routes: a body declared longer than `limits.max_http_body_bytes` gets 413 at
+/// once. A body without a length is cut at the same size by `DefaultBodyLimit` when a
+/// handler reads it.
+pub async fn limit_body(State(max): State<usize>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > max as u64 => {
+            let body = json!({
+                "error": format!(
+                    "request body of {length} bytes is over the limit of {max} bytes (limits.max_http_body_bytes)"
+                )
+            });
+            (StatusCode::PAYLOAD_TOO_LARGE, Json(body)).into_response()
+        }
+        _ => next.run(request).await,
+    }
 }

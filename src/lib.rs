@@ -9,11 +9,13 @@
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
 //! - [`middleware`]: the in-flight limit and the deadline of unary gRPC calls.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
+//! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
 //! - [`endpoint`]: the server address the command-line tools accept.
 
+pub mod auth;
 pub mod config;
 pub mod endpoint;
 pub mod grpc;
@@ -21,6 +23,7 @@ pub mod http;
 pub mod metrics;
 pub mod middleware;
 pub mod pubsub;
+pub mod rate_limit;
 pub mod record;
 pub mod server;
 pub mod shutdown;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit};
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -16,12 +17,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
+use tower::Layer as _;
 use tower_http::LatencyUnit;
 use tower_http::trace::{
     DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer,
 };
 use tracing::{Level, debug, info, warn};
 
+use crate::auth::{self, Auth};
 use crate::config::Settings;
 use crate::grpc::KvService;
 use crate::http;
@@ -29,6 +32,7 @@ use crate::metrics::{self, Connections, Exporter, Metrics, RpcLayer};
 use crate::middleware::{Guard, guard_grpc};
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
+use crate::rate_limit::{self, RateLimit};
 use crate::store::Store;
 
 /// A server whose listeners are bound (so their addresses are known, even for port 0) but
@@ -110,14 +114,18 @@ impl Server {
             metrics.clone(),
         );
         let exporter = Exporter::new(metrics.clone(), store.clone(), guard.clone());
+        let layers = Layers {
+            guard,
+            exporter,
+            access: Access::new(&settings)?,
+        };
         let app = main_router(
             &settings,
             store.clone(),
             &draining,
             &stop,
             health_service,
-            guard,
-            &exporter,
+            &layers,
         )?;
         let drain = settings.shutdown.drain_timeout;
 
@@ -125,7 +133,10 @@ impl Server {
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", "listening");
-                let routes = http_router(&draining, &exporter);
+                let routes =
+                    layers
+                        .access
+                        .guard(http_router(&draining, &settings, &layers.exporter));
                 let open = metrics.connections("health");
                 Some(serve("health", listener, routes, stop.clone(), drain, open))
             }
@@ -178,7 +189,8 @@ impl Server {
 /// gRPC (the KV service, health, reflection v1 and v1alpha) and the HTTP routes on one
 /// router. Each part gets its own trace layer; only the KV service is guarded, so health
 /// checks and reflection answer while KV calls are shed. Its metrics layer sits outside the
-/// guard, so calls the guard refuses are counted too.
+/// guard, so calls the guard refuses are counted too. Authentication and the rate limit
+/// cover the whole router and decide by path.
 fn main_router(
     settings: &Settings,
     store: Store,
@@ -187,10 +199,11 @@ fn main_router(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-    guard: Guard,
-    exporter: &Exporter,
+    layers: &Layers,
 ) -> anyhow::Result<Router> {
-    let metrics = exporter.metrics();
+    auth::warn_if_exposed(&settings.auth, settings.server.listen);
+    let metrics = layers.exporter.metrics();
+    let guard = layers.guard.clone();
     let kv = KvService::new(store, settings.limits, stop.clone(), metrics.clone()).into_server();
     let kv = Routes::new(kv)
         .into_axum_router()
@@ -219,12 +232,56 @@ fn main_router(
         .on_eos(DefaultOnEos::new().level(Level::DEBUG))
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
     let grpc = kv.merge(support).layer(grpc_trace);
-    Ok(http_router(draining, exporter)
+    let app = http_router(draining, settings, &layers.exporter)
         .merge(grpc)
-        .fallback(http::fallback))
+        .fallback(http::fallback);
+    Ok(layers.access.guard(app))
 }
 
-fn http_router(draining: &CancellationToken, exporter: &Exporter) -> Router {
+/// What wraps the routes: the KV guard, the metrics exporter, and access control.
+struct Layers {
+    guard: Guard,
+    exporter: Exporter,
+    access: Access,
+}
+
+/// Authentication and the per-client rate limit, each present only when configured.
+struct Access {
+    auth: Option<Auth>,
+    rate_limit: Option<RateLimit>,
+}
+
+impl Access {
+    fn new(settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            auth: Auth::new(&settings.auth)?,
+            rate_limit: RateLimit::new(settings.rate_limit),
+        })
+    }
+
+    /// Authentication runs first, so the rate limit can key a client by its token.
+    fn guard(&self, router: Router) -> Router {
+        let router = match &self.rate_limit {
+            Some(limit) => router.layer(axum::middleware::from_fn_with_state(
+                limit.clone(),
+                rate_limit::rate_limit,
+            )),
+            None => router,
+        };
+        match &self.auth {
+            Some(auth) => router.layer(axum::middleware::from_fn_with_state(
+                auth.clone(),
+                auth::authenticate,
+            )),
+            None => router,
+        }
+    }
+}
+
+/// The plain HTTP routes, with their body limit (gRPC messages have tonic's), and
+/// `/metrics`.
+fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exporter) -> Router {
+    let max_body = settings.limits.max_http_body_bytes;
     let trace = TraceLayer::new_for_http()
         .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
         .on_response(
@@ -236,6 +293,11 @@ fn http_router(draining: &CancellationToken, exporter: &Exporter) -> Router {
         .merge(metrics::router(exporter.clone()))
         .layer(trace)
         .fallback(http::fallback)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            max_body,
+            http::limit_body,
+        ))
 }
 
 /// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
@@ -300,6 +362,7 @@ async fn serve_connection(
     if let Err(err) = stream.set_nodelay(true) {
         debug!(%peer, error = %err, "setting TCP_NODELAY failed");
     }
+    let app = Extension(ConnectInfo(peer)).layer(app);
     let builder = auto::Builder::new(TokioExecutor::new());
     let connection =
         builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app));

@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_core::stream::BoxStream;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use kvstore::auth::BearerToken;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
 use kvstore::pb::{
@@ -32,11 +33,13 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-type Client = KeyValueStoreClient<Channel>;
+/// Every call carries the `--token`, if one was given.
+type Client = KeyValueStoreClient<InterceptedService<Channel, BearerToken>>;
 
 /// Far above the server's batch limit (4 MiB by default), so a large batch's response is
 /// limited by the server's settings, not by this client's decoder.
@@ -104,6 +107,10 @@ struct Target {
     /// The server's process ID, to report its CPU time per operation (read from /proc).
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+
+    /// Bearer token for a server with authentication on.
+    #[arg(long, env = "KVSTORE_TOKEN", hide_env_values = true, value_parser = BearerToken::parse)]
+    token: Option<BearerToken>,
 }
 
 #[derive(Debug, Args)]
@@ -298,7 +305,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
-    let clients = connect(&args.target.server, args.load.connections).await?;
+    let clients = connect(&args.target, args.load.connections).await?;
     if args.preload {
         preload(&clients, workload.keys, &workload.value, PRELOAD_BATCH, 2).await?;
     }
@@ -306,12 +313,8 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
     let idle_patterns = (0..args.idle_subscribers)
         .map(|i| format!("idle:{i}/"))
         .collect();
-    let (_idle_clients, idle_streams) = subscribe_all(
-        &args.target.server,
-        idle_patterns,
-        STREAMS_PER_CONNECTION as usize,
-    )
-    .await?;
+    let (_idle_clients, idle_streams) =
+        subscribe_all(&args.target, idle_patterns, STREAMS_PER_CONNECTION as usize).await?;
     let stop_idle = CancellationToken::new();
     let mut idle = JoinSet::new();
     for (_, stream) in idle_streams {
@@ -409,7 +412,7 @@ async fn unary_worker(
 
 async fn batch(args: BatchArgs) -> anyhow::Result<CallReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
-    let clients = connect(&args.target.server, args.load.connections).await?;
+    let clients = connect(&args.target, args.load.connections).await?;
     let cpu = CpuWatch::start(args.target.server_pid)?;
     let (end, limit) = args.load.bounds();
     let schedule = Schedule::closed(end, limit);
@@ -476,7 +479,7 @@ async fn batch_worker(
 async fn load_keys(args: LoadKeysArgs) -> anyhow::Result<LoadReport> {
     let keys = KeySpace::new(&args.keys)?;
     let value: Arc<str> = "x".repeat(args.keys.value_size).into();
-    let clients = connect(&args.target.server, args.connections).await?;
+    let clients = connect(&args.target, args.connections).await?;
     let cpu = CpuWatch::start(args.target.server_pid)?;
     let started = Instant::now();
     preload(&clients, keys, &value, args.batch_size, args.concurrency).await?;
@@ -576,7 +579,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let patterns = (0..subscribers)
         .map(|subscriber| prefixes[prefix_of(subscriber)].clone())
         .collect();
-    let (clients, opened) = subscribe_all(&args.target.server, patterns, per_connection).await?;
+    let (clients, opened) = subscribe_all(&args.target, patterns, per_connection).await?;
 
     let stop = CancellationToken::new();
     let bar = progress_bar(None, "events");
@@ -593,7 +596,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         ));
     }
 
-    let writer_clients = connect(&args.target.server, args.writers).await?;
+    let writer_clients = connect(&args.target, args.writers).await?;
     let cpu = CpuWatch::start(args.target.server_pid)?;
     let started = Instant::now();
     let (schedule, pacer) = Schedule::open(args.rate, Some(started + args.duration), None);
@@ -690,11 +693,11 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
 /// later write to the prefix (the Subscribe contract). The streams come with their indices in
 /// `patterns`, and with the clients, which keep the connections open.
 async fn subscribe_all(
-    endpoint: &Endpoint,
+    target: &Target,
     patterns: Vec<String>,
     per_connection: usize,
 ) -> anyhow::Result<(Vec<Client>, Vec<(usize, Streaming<ChangeEvent>)>)> {
-    let clients = connect(endpoint, patterns.len().div_ceil(per_connection) as u32).await?;
+    let clients = connect(target, patterns.len().div_ceil(per_connection) as u32).await?;
     let mut opening = JoinSet::new();
     let at_once = Arc::new(Semaphore::new(SUBSCRIBE_AT_ONCE));
     for (index, key_pattern) in patterns.into_iter().enumerate() {
@@ -1743,7 +1746,9 @@ fn print(report: &impl Summary, json: bool) -> anyhow::Result<()> {
 // plumbing
 
 /// Opens `count` connections: each `connect` of the endpoint is its own HTTP/2 connection.
-async fn connect(endpoint: &Endpoint, count: u32) -> anyhow::Result<Vec<Client>> {
+async fn connect(target: &Target, count: u32) -> anyhow::Result<Vec<Client>> {
+    let endpoint = &target.server;
+    let token = target.token.clone().unwrap_or_default();
     let mut clients = Vec::new();
     for _ in 0..count {
         let channel = endpoint
@@ -1751,7 +1756,7 @@ async fn connect(endpoint: &Endpoint, count: u32) -> anyhow::Result<Vec<Client>>
             .await
             .with_context(|| format!("connecting to {}", endpoint.uri()))?;
         clients.push(
-            KeyValueStoreClient::new(channel)
+            KeyValueStoreClient::with_interceptor(channel, token.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );

@@ -14,16 +14,21 @@ use std::{
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
+use kvstore::auth::BearerToken;
 use kvstore::pb::{self, change_event::ChangeType, key_value_store_client::KeyValueStoreClient};
 use serde::Serialize;
 use tokio::time::Instant;
 use tonic::{
     Code, Status,
+    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+/// Every KV call carries the `--token`, if one was given.
+type Client = KeyValueStoreClient<InterceptedService<Channel, BearerToken>>;
 
 const EXIT_NOT_FOUND: u8 = 1;
 const EXIT_FAILURE: u8 = 3;
@@ -89,6 +94,17 @@ struct Common {
     /// Output format of the results on stdout; errors are always text on stderr.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+
+    /// Bearer token for a server with authentication on; prefer the environment variable,
+    /// which other users cannot see in the process list.
+    #[arg(
+        long,
+        global = true,
+        env = "KVSTORE_TOKEN",
+        hide_env_values = true,
+        value_parser = BearerToken::parse
+    )]
+    token: Option<BearerToken>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,13 +322,17 @@ fn parse_millis(duration: &str) -> Result<i64, String> {
 }
 
 async fn run(common: Common, command: Command) -> anyhow::Result<ExitCode> {
-    let Common { server, output } = common;
+    let Common {
+        server,
+        output,
+        token,
+    } = common;
     let channel = server.connect().await.map_err(|err| {
         let url = server.uri().to_string();
         let url = url.trim_end_matches('/');
         anyhow::anyhow!("cannot reach server at {url}: {}", causes(&err))
     })?;
-    let client = KeyValueStoreClient::new(channel.clone())
+    let client = KeyValueStoreClient::with_interceptor(channel.clone(), token.unwrap_or_default())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     match command {
@@ -341,11 +361,7 @@ async fn run(common: Common, command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn get(
-    mut client: KeyValueStoreClient<Channel>,
-    key: String,
-    output: Output,
-) -> anyhow::Result<ExitCode> {
+async fn get(mut client: Client, key: String, output: Output) -> anyhow::Result<ExitCode> {
     let response = client
         .get(pb::GetRequest { key: key.clone() })
         .await
@@ -383,7 +399,7 @@ async fn get(
 }
 
 async fn set(
-    mut client: KeyValueStoreClient<Channel>,
+    mut client: Client,
     request: pb::SetRequest,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
@@ -411,7 +427,7 @@ async fn set(
 }
 
 async fn delete(
-    mut client: KeyValueStoreClient<Channel>,
+    mut client: Client,
     key: String,
     if_revision: Option<i64>,
     output: Output,
@@ -460,7 +476,7 @@ fn write_refused(op: &str, status: Status) -> anyhow::Result<ExitCode> {
 /// Pages through the keys, printing each page as it arrives. Pages may be read at different
 /// revisions; `subscribe --initial` is the consistent snapshot.
 async fn list(
-    mut client: KeyValueStoreClient<Channel>,
+    mut client: Client,
     prefix: String,
     limit: Option<u64>,
     output: Output,
@@ -506,7 +522,7 @@ async fn list(
 }
 
 async fn subscribe(
-    client: KeyValueStoreClient<Channel>,
+    client: Client,
     args: SubscribeArgs,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
@@ -526,7 +542,7 @@ async fn subscribe(
 /// Prints the subscription's events until it fails, resubscribing after a lag or a lost
 /// connection when asked with `--resume`.
 async fn follow(
-    mut client: KeyValueStoreClient<Channel>,
+    mut client: Client,
     args: SubscribeArgs,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
@@ -628,10 +644,7 @@ async fn follow(
 }
 
 /// The store's current revision, from the smallest List that reports it.
-async fn current_revision(
-    client: &mut KeyValueStoreClient<Channel>,
-    prefix: &str,
-) -> anyhow::Result<i64> {
+async fn current_revision(client: &mut Client, prefix: &str) -> anyhow::Result<i64> {
     let page = client
         .list(pb::ListRequest {
             prefix: prefix.to_owned(),

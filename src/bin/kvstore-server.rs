@@ -2,13 +2,14 @@
 //! Exit codes: 0 after a clean or signal-initiated shutdown, 1 on a runtime failure (such
 //! as a port in use), 2 on a usage or configuration error.
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kvstore::config::{self, Flags};
-use kvstore::{server, shutdown, telemetry};
+use kvstore::{auth, server, shutdown, telemetry};
 use tracing::{error, warn};
 
 // mimalloc: the request path allocates a little per call (HTTP/2 frames, protobuf
@@ -43,10 +44,22 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Tool>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Tool {
+    /// Read a bearer token on stdin (one trailing newline is ignored) and print the SHA-256
+    /// digest that auth.tokens and auth.token_file want: `kvstore-server hash-token < token`.
+    HashToken,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Tool::HashToken) = cli.command {
+        return hash_token();
+    }
     let flags = Flags {
         config: cli.config,
         listen: cli.listen,
@@ -81,6 +94,28 @@ fn main() -> ExitCode {
             error!(error = format!("{err:#}"), "server failed");
             eprintln!("kvstore-server: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit 2 when stdin holds no usable token, as for any other usage error.
+fn hash_token() -> ExitCode {
+    let mut input = String::new();
+    if let Err(err) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("kvstore-server: reading the token from stdin: {err}");
+        return ExitCode::from(2);
+    }
+    let token = input
+        .strip_suffix('\n')
+        .map_or(input.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    match auth::hash_token(token) {
+        Ok(digest) => {
+            println!("{digest}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("kvstore-server: hash-token: {err}");
+            ExitCode::from(2)
         }
     }
 }

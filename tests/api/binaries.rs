@@ -21,9 +21,15 @@ use crate::helpers::PATIENCE;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_kvstore-server");
 
-fn server_command() -> Command {
+pub(crate) fn server_command() -> Command {
     let mut command = Command::new(SERVER);
-    for var in ["RUST_LOG", "GRPC_PORT", "HTTP_PORT", "KVSTORE_CONFIG"] {
+    for var in [
+        "RUST_LOG",
+        "GRPC_PORT",
+        "HTTP_PORT",
+        "KVSTORE_CONFIG",
+        "KVSTORE_TOKEN",
+    ] {
         command.env_remove(var);
     }
     command
@@ -108,7 +114,7 @@ impl Running {
     }
 }
 
-async fn running_line(logs: &mut Lines<BufReader<ChildStdout>>) -> Value {
+pub(crate) async fn running_line(logs: &mut Lines<BufReader<ChildStdout>>) -> Value {
     let line = timeout(PATIENCE, logs.next_line())
         .await
         .expect("a log line in time")

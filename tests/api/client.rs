@@ -31,7 +31,7 @@ use tonic::transport::Channel;
 
 use crate::helpers::{PATIENCE, TestServer, spawn_server, spawn_with, test_settings};
 
-fn kvstore_client<I, S>(args: I) -> Command
+pub(crate) fn kvstore_client<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -41,18 +41,19 @@ where
         .args(args)
         // The developer's own setting must not redirect the tests.
         .env_remove("KVSTORE_ENDPOINT")
+        .env_remove("KVSTORE_TOKEN")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     command
 }
 
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-async fn run(mut command: Command) -> Finished {
+pub(crate) async fn run(mut command: Command) -> Finished {
     let output = timeout(PATIENCE, command.output())
         .await
         .expect("kvstore-client did not exit in time")

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -194,6 +194,18 @@ pub async fn http_request(
     assert_eq!(response.version(), expected);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// Any HTTP/1.1 request: the response's head and its body as text.
+pub async fn http_exchange(request: http::Request<Full<Bytes>>) -> (http::response::Parts, String) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let response = tokio::time::timeout(PATIENCE, client.request(request))
+        .await
+        .expect("an HTTP answer in time")
+        .expect("an HTTP answer");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts, String::from_utf8(body.to_vec()).unwrap())
 }
 
 /// Whether tests that need an outside tool must fail (CI) rather than skip when it is absent.

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server on 127.0.0.1:0, spoken to over TCP with the generated
 //! gRPC client, plain HTTP/1.1 and HTTP/2, and the real binaries.
 
+mod auth;
 mod binaries;
 mod client;
 mod health;
@@ -8,5 +9,6 @@ mod helpers;
 mod kv;
 mod metrics;
 mod proxy;
+mod rate_limit;
 mod shutdown;
 mod subscribe;
