@@ -3,6 +3,7 @@
 
 mod binaries;
 mod client;
+mod connections;
 mod health;
 mod helpers;
 mod kv;
