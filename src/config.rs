@@ -21,8 +21,15 @@ pub const ENV_PREFIX: &str = "KVSTORE_";
 pub const MIN_HEADER_BYTES: usize = 8192;
 
 /// Variables with [`ENV_PREFIX`] that are not settings but are expected: the config file
-/// path, and the client's endpoint (the two binaries often share an environment).
-const ENV_NOT_SETTINGS: [&str; 2] = ["KVSTORE_CONFIG", "KVSTORE_ENDPOINT"];
+/// path, and the client's endpoint and TLS files (the two binaries often share an
+/// environment).
+const ENV_NOT_SETTINGS: [&str; 5] = [
+    "KVSTORE_CONFIG",
+    "KVSTORE_ENDPOINT",
+    "KVSTORE_CA_CERT",
+    "KVSTORE_CLIENT_CERT",
+    "KVSTORE_CLIENT_KEY",
+];
 
 /// Everything the server can be configured with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -837,6 +844,26 @@ mod tests {
                     "log.format",
                     "bad.toml",
                 ),
+                (
+                    with_file("[server]\nmax_header_bytes = 100\n")?,
+                    "server.max_header_bytes",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nhandshake_timeout = \"0s\"\n")?,
+                    "server.handshake_timeout",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_connections = 0\n")?,
+                    "server.max_connections",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[tls]\ncert = \"nowhere.pem\"\nkey = \"nowhere.key\"\n")?,
+                    "tls.cert cannot read nowhere.pem",
+                    "bad.toml",
+                ),
                 (with_file("[server\n")?, "line 1", "bad.toml"),
                 (
                     error_in(
@@ -889,6 +916,19 @@ mod tests {
             assert!(message.contains("KVSTORE_"), "{message}");
 
             jail.set_env("KVSTORE_LIMITS__MAX_VALUE_BYTES", "1");
+            jail.create_file("key.pem", "")?;
+            jail.set_env("KVSTORE_TLS__CERT", "key.pem");
+            jail.set_env("KVSTORE_TLS__KEY", "key.pem");
+            let message = error_in(jail, Flags::default());
+            assert!(
+                message.contains("tls.cert key.pem: no certificate in it"),
+                "{message}"
+            );
+            assert!(message.contains("KVSTORE_TLS__CERT"), "{message}");
+            // Empty is off.
+            jail.set_env("KVSTORE_TLS__CERT", "");
+            jail.set_env("KVSTORE_TLS__KEY", "");
+
             jail.set_env("GRPC_PORT", "65536");
             let message = error_in(jail, Flags::default());
             assert!(message.contains("GRPC_PORT"), "{message}");

@@ -151,3 +151,121 @@ fn client_verifier(
 fn bad_pem(key: &'static str, path: &Path, err: &pem::Error) -> TlsError {
     TlsError::new(key, format!("{}: not valid PEM: {err}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+
+    /// A directory of PEM files for one test, removed on drop.
+    struct Files(PathBuf);
+
+    impl Files {
+        fn new(test: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("kvstore-tls-unit-{}-{test}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let pair = |name: &str| {
+                let key = KeyPair::generate().unwrap();
+                let cert = CertificateParams::new(vec!["localhost".to_owned()])
+                    .unwrap()
+                    .self_signed(&key)
+                    .unwrap();
+                std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+                std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            };
+            pair("server");
+            pair("other");
+            std::fs::write(dir.join("empty.pem"), "").unwrap();
+            Self(dir)
+        }
+
+        fn settings(&self, cert: &str, key: &str, client_ca: &str) -> TlsSettings {
+            let path = |name: &str| match name {
+                "" => PathBuf::new(),
+                name => self.0.join(name),
+            };
+            TlsSettings {
+                cert: path(cert),
+                key: path(key),
+                client_ca: path(client_ca),
+            }
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn tls_is_off_without_files_and_on_with_a_matching_pair() {
+        let files = Files::new("on");
+        assert!(acceptor(&files.settings("", "", "")).unwrap().is_none());
+        assert!(
+            acceptor(&files.settings("server.pem", "server.key", ""))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            acceptor(&files.settings("server.pem", "server.key", "other.pem"))
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn each_unusable_setting_is_named_with_its_file() {
+        let files = Files::new("errors");
+        let cases = [
+            (("", "server.key", ""), "tls.cert", "must be set"),
+            (("server.pem", "", ""), "tls.key", "must be set"),
+            (("", "", "other.pem"), "tls.client_ca", "needs tls.cert"),
+            (
+                ("missing.pem", "server.key", ""),
+                "tls.cert",
+                "missing.pem: ",
+            ),
+            (
+                ("server.key", "server.key", ""),
+                "tls.cert",
+                "no certificate",
+            ),
+            (
+                ("empty.pem", "server.key", ""),
+                "tls.cert",
+                "no certificate",
+            ),
+            (
+                ("server.pem", "server.pem", ""),
+                "tls.key",
+                "no private key",
+            ),
+            (("server.pem", "other.key", ""), "tls.key", "does not match"),
+            (
+                ("server.pem", "server.key", "empty.pem"),
+                "tls.client_ca",
+                "no certificate",
+            ),
+        ];
+        for ((cert, key, ca), named, problem) in cases {
+            let Err(err) = acceptor(&files.settings(cert, key, ca)) else {
+                panic!("{cert:?} {key:?} {ca:?} must be refused");
+            };
+            assert_eq!(err.key, named, "{err}");
+            assert!(err.problem.contains(problem), "{err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+            let file = [cert, key, ca]
+                .into_iter()
+                .find(|f| err.problem.contains(*f) && !f.is_empty());
+            assert!(
+                file.is_some() || problem.starts_with("must") || problem.starts_with("needs"),
+                "names the file: {err}"
+            );
+        }
+    }
+}

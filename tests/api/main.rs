@@ -10,3 +10,4 @@ mod kv;
 mod proxy;
 mod shutdown;
 mod subscribe;
+mod tls;
