@@ -54,8 +54,19 @@ pub fn acceptor(settings: &TlsSettings) -> Result<Option<TlsAcceptor>, TlsError>
             };
         }
         (Some(cert), Some(key)) => (cert, key),
-        (Some(_), None) => return Err(TlsError::new("tls.key", "must be set when tls.cert is")),
-        (None, Some(_)) => return Err(TlsError::new("tls.cert", "must be set when tls.key is")),
+        // Name the key that is set: its origin is what the operator has to look at.
+        (Some(_), None) => {
+            return Err(TlsError::new(
+                "tls.cert",
+                "needs tls.key too (the certificate's private key)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(TlsError::new(
+                "tls.key",
+                "needs tls.cert too (the certificate of this key)",
+            ));
+        }
     };
 
     let provider = Arc::new(ring::default_provider());
@@ -222,8 +233,8 @@ mod tests {
     fn each_unusable_setting_is_named_with_its_file() {
         let files = Files::new("errors");
         let cases = [
-            (("", "server.key", ""), "tls.cert", "must be set"),
-            (("server.pem", "", ""), "tls.key", "must be set"),
+            (("", "server.key", ""), "tls.key", "needs tls.cert"),
+            (("server.pem", "", ""), "tls.cert", "needs tls.key"),
             (("", "", "other.pem"), "tls.client_ca", "needs tls.cert"),
             (
                 ("missing.pem", "server.key", ""),
@@ -263,7 +274,7 @@ mod tests {
                 .into_iter()
                 .find(|f| err.problem.contains(*f) && !f.is_empty());
             assert!(
-                file.is_some() || problem.starts_with("must") || problem.starts_with("needs"),
+                file.is_some() || problem.starts_with("needs"),
                 "names the file: {err}"
             );
         }
