@@ -428,41 +428,50 @@ async fn serve_http<IO>(
     });
     let connection = shared.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
-    let mut closing = false;
+    let mut phase = Phase::Serving;
     let result = loop {
-        let deadline = match activity.quiet() {
-            _ if closing => None,
+        let deadline = match (phase, activity.quiet()) {
+            // Bounded by shutdown.drain_timeout, in `serve`.
+            (Phase::ShuttingDown, _) => None,
+            // A peer that never answers the GOAWAY (dead, with keepalive off) must not keep
+            // the connection for ever; one that opened a stream meanwhile is served.
+            (Phase::IdleClosing(_), Quiet::Busy) => Some(Instant::now() + shared.handshake_timeout),
+            (Phase::IdleClosing(since), _) => Some(since + shared.handshake_timeout),
             // Nothing wakes us when a request starts or ends, so look again after at most
             // one idle_timeout: that is early enough for the idle deadline of a request
             // that ends in the meantime.
-            Quiet::NeverUsed => {
+            (Phase::Serving, Quiet::NeverUsed) => {
                 let first_request = accepted + shared.handshake_timeout;
                 Some(match shared.idle_timeout {
                     Some(idle) => first_request.min(Instant::now() + idle),
                     None => first_request,
                 })
             }
-            Quiet::Busy => shared.idle_timeout.map(|idle| Instant::now() + idle),
-            Quiet::Since(at) => shared.idle_timeout.map(|idle| at + idle),
+            (Phase::Serving, Quiet::Busy) => shared.idle_timeout.map(|idle| Instant::now() + idle),
+            (Phase::Serving, Quiet::Since(at)) => shared.idle_timeout.map(|idle| at + idle),
         };
         tokio::select! {
             result = connection.as_mut() => break result,
-            () = stop.cancelled(), if !closing => {
+            () = stop.cancelled(), if phase != Phase::ShuttingDown => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                phase = Phase::ShuttingDown;
             }
             () = tokio::time::sleep_until(deadline.unwrap_or(accepted)), if deadline.is_some() => {
                 let now = Instant::now();
-                match activity.quiet() {
-                    Quiet::NeverUsed if now >= accepted + shared.handshake_timeout => {
+                match (phase, activity.quiet()) {
+                    (Phase::Serving, Quiet::NeverUsed) if now >= accepted + shared.handshake_timeout => {
                         // Nothing was asked, so there is nothing to finish gracefully.
                         debug!(listener = shared.name, %peer, "no request within server.handshake_timeout, closing");
                         return;
                     }
-                    Quiet::Since(at) if shared.idle_timeout.is_some_and(|idle| now >= at + idle) => {
+                    (Phase::Serving, Quiet::Since(at)) if shared.idle_timeout.is_some_and(|idle| now >= at + idle) => {
                         debug!(listener = shared.name, %peer, "idle for server.idle_timeout, closing");
                         connection.as_mut().graceful_shutdown();
-                        closing = true;
+                        phase = Phase::IdleClosing(now);
+                    }
+                    (Phase::IdleClosing(_), Quiet::NeverUsed | Quiet::Since(_)) => {
+                        debug!(listener = shared.name, %peer, "no answer to the idle close, dropping the connection");
+                        return;
                     }
                     _ => {}
                 }
@@ -472,6 +481,15 @@ async fn serve_http<IO>(
     if let Err(err) = result {
         debug!(listener = shared.name, %peer, error = %err, "connection closed with an error");
     }
+}
+
+/// Where a connection is in its life, for the deadlines of `serve_http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Idle since `serve_http` asked it to close gracefully at this instant.
+    IdleClosing(Instant),
+    ShuttingDown,
 }
 
 /// The requests open on one connection, and when the last one ended: what the idle and

@@ -383,3 +383,34 @@ async fn a_peer_that_stops_answering_pings_is_dropped_with_its_streams() {
     server.wait_for_subscriptions(0).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_idle_peer_that_never_answers_the_goaway_is_dropped() {
+    let server = spawn_with(single_port(|s| {
+        s.server.keepalive_interval = Duration::ZERO;
+        s.server.idle_timeout = Duration::from_millis(200);
+        s.server.handshake_timeout = SHORT;
+    }))
+    .await;
+    let mut proxy = FreezableProxy::start(server.grpc_addr).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::key_value_store_client::KeyValueStoreClient::new(channel);
+    client
+        .get(pb::GetRequest { key: "a".into() })
+        .await
+        .unwrap();
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    timeout(PATIENCE, &mut proxy.upstream_closed)
+        .await
+        .expect("the server drops the silent peer in time")
+        .unwrap();
+    // The graceful close had handshake_timeout to complete first.
+    assert!(frozen.elapsed() >= SHORT, "{:?}", frozen.elapsed());
+    server.shutdown().await;
+}
