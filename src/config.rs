@@ -17,9 +17,20 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The prefix of the server's environment variables; `__` separates nested keys.
 pub const ENV_PREFIX: &str = "KVSTORE_";
 
+/// hyper refuses a smaller HTTP/1.1 read buffer, which is what bounds HTTP/1.1 headers.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
 /// Variables with [`ENV_PREFIX`] that are not settings but are expected: the config file
-/// path, and the client's endpoint and token (the two binaries often share an environment).
-const ENV_NOT_SETTINGS: [&str; 3] = ["KVSTORE_CONFIG", "KVSTORE_ENDPOINT", "KVSTORE_TOKEN"];
+/// path, and the client's endpoint, token and TLS files (the two binaries often share an
+/// environment).
+const ENV_NOT_SETTINGS: [&str; 6] = [
+    "KVSTORE_CONFIG",
+    "KVSTORE_ENDPOINT",
+    "KVSTORE_TOKEN",
+    "KVSTORE_CA_CERT",
+    "KVSTORE_CLIENT_CERT",
+    "KVSTORE_CLIENT_KEY",
+];
 
 /// Everything the server can be configured with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +52,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// Logging.
     pub log: LogSettings,
+    /// TLS on the main listener.
+    pub tls: TlsSettings,
 }
 
 /// `[server]`: listeners and request handling.
@@ -57,6 +70,25 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Unary gRPC calls handled at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub max_in_flight: usize,
+    /// Connections open at once on each listener; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 streams open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// The most bytes of request headers: HTTP/2's header list, HTTP/1.1's read buffer.
+    pub max_header_bytes: usize,
+    /// From accept until the first request's headers, including the TLS handshake;
+    /// a connection that takes longer is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no open request or stream for this long is closed; zero never.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How often an HTTP/2 connection that has been quiet is PINGed; zero never.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 /// `[limits]`: size limits of keys and values, in bytes.
@@ -182,6 +214,20 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// `[tls]`: TLS on the main listener (the legacy health listener stays cleartext). Paths
+/// to PEM files; empty turns each off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The server's certificate chain, leaf first; with `key`, turns TLS on.
+    pub cert: PathBuf,
+    /// The private key of the leaf certificate.
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to; set, every client must
+    /// present one (mutual TLS).
+    pub client_ca: PathBuf,
+}
+
 /// How log lines are written to stdout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,6 +246,13 @@ impl Default for Settings {
                 health_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
                 request_timeout: Duration::from_secs(10),
                 max_in_flight: 1024,
+                max_connections: 10_000,
+                max_streams_per_connection: 200,
+                max_header_bytes: 16 * 1024,
+                handshake_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(5 * 60),
+                keepalive_interval: Duration::from_secs(30),
+                keepalive_timeout: Duration::from_secs(20),
             },
             limits: Limits {
                 max_key_bytes: 4096,
@@ -236,6 +289,7 @@ impl Default for Settings {
                 level: "info".into(),
                 format: LogFormat::Json,
             },
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -426,6 +480,11 @@ fn flag_layer(flags: &Flags) -> Named {
 fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
     let at_least_one = [
         ("server.max_in_flight", settings.server.max_in_flight),
+        ("server.max_connections", settings.server.max_connections),
+        (
+            "server.max_streams_per_connection",
+            settings.server.max_streams_per_connection as usize,
+        ),
         ("limits.max_key_bytes", settings.limits.max_key_bytes),
         ("limits.max_page", settings.limits.max_page),
         ("limits.max_batch_ops", settings.limits.max_batch_ops),
@@ -447,6 +506,45 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
                 settings.limits.max_key_bytes
             ),
         ));
+    }
+    if settings.server.max_header_bytes < MIN_HEADER_BYTES {
+        return Err(invalid(
+            figment,
+            "server.max_header_bytes",
+            &format!(
+                "must be at least {MIN_HEADER_BYTES} (HTTP/1.1's smallest read buffer), got {}",
+                settings.server.max_header_bytes
+            ),
+        ));
+    }
+    if u32::try_from(settings.server.max_header_bytes).is_err() {
+        return Err(invalid(
+            figment,
+            "server.max_header_bytes",
+            &format!(
+                "must be at most {} (HTTP/2's limit), got {}",
+                u32::MAX,
+                settings.server.max_header_bytes
+            ),
+        ));
+    }
+    let positive = [
+        (
+            "server.handshake_timeout",
+            settings.server.handshake_timeout,
+        ),
+        (
+            "server.keepalive_timeout",
+            settings.server.keepalive_timeout,
+        ),
+    ];
+    for (key, value) in positive {
+        if value.is_zero() {
+            return Err(invalid(figment, key, "must be longer than 0s"));
+        }
+    }
+    if let Err(err) = crate::tls::acceptor(&settings.tls) {
+        return Err(invalid(figment, err.key, &err.problem));
     }
     if settings.server.health_listen == Some(settings.server.listen)
         && settings.server.listen.port() != 0
@@ -858,6 +956,26 @@ mod tests {
                     "log.format",
                     "bad.toml",
                 ),
+                (
+                    with_file("[server]\nmax_header_bytes = 100\n")?,
+                    "server.max_header_bytes",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nhandshake_timeout = \"0s\"\n")?,
+                    "server.handshake_timeout",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_connections = 0\n")?,
+                    "server.max_connections",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[tls]\ncert = \"nowhere.pem\"\nkey = \"nowhere.key\"\n")?,
+                    "tls.cert cannot read nowhere.pem",
+                    "bad.toml",
+                ),
                 (with_file("[server\n")?, "line 1", "bad.toml"),
                 (
                     error_in(
@@ -910,6 +1028,19 @@ mod tests {
             assert!(message.contains("KVSTORE_"), "{message}");
 
             jail.set_env("KVSTORE_LIMITS__MAX_VALUE_BYTES", "1");
+            jail.create_file("key.pem", "")?;
+            jail.set_env("KVSTORE_TLS__CERT", "key.pem");
+            jail.set_env("KVSTORE_TLS__KEY", "key.pem");
+            let message = error_in(jail, Flags::default());
+            assert!(
+                message.contains("tls.cert key.pem: no certificate in it"),
+                "{message}"
+            );
+            assert!(message.contains("KVSTORE_TLS__CERT"), "{message}");
+            // Empty is off.
+            jail.set_env("KVSTORE_TLS__CERT", "");
+            jail.set_env("KVSTORE_TLS__KEY", "");
+
             jail.set_env("GRPC_PORT", "65536");
             let message = error_in(jail, Flags::default());
             assert!(message.contains("GRPC_PORT"), "{message}");

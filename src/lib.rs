@@ -10,7 +10,9 @@
 //! - [`middleware`]: the in-flight limit and the deadline of unary gRPC calls.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
-//! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains.
+//! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
+//!   the accept loop and its connection limits.
+//! - [`tls`]: the main listener's TLS configuration, from the `[tls]` files.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
 //! - [`endpoint`]: the server address the command-line tools accept.
@@ -29,6 +31,7 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// The generated protobuf types, client and server of `proto/kvstore.proto`.
 #[allow(missing_docs, clippy::all)]

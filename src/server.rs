@@ -1,23 +1,31 @@
 //! The listeners: binds them, builds the one router that serves gRPC and HTTP on the main
-//! port (HTTP/1.1 and h2c), serves the HTTP routes alone on the legacy health port, and
-//! runs until shutdown, then drains within the deadline.
+//! port (HTTP/1.1 and HTTP/2, over TLS or cleartext), serves the HTTP routes alone on the
+//! legacy health port, and runs until shutdown, then drains within the deadline. Owns the
+//! accept loop and every connection-level limit and timeout.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::{Extension, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
-use tower::Layer as _;
+use tower::{Layer as _, Service};
 use tower_http::LatencyUnit;
 use tower_http::trace::{
     DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer,
@@ -25,7 +33,7 @@ use tower_http::trace::{
 use tracing::{Level, debug, info, warn};
 
 use crate::auth::{self, Auth};
-use crate::config::Settings;
+use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::KvService;
 use crate::http;
 use crate::metrics::{self, Connections, Exporter, Metrics, RpcLayer};
@@ -34,6 +42,7 @@ use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
 use crate::store::Store;
+use crate::tls;
 
 /// A server whose listeners are bound (so their addresses are known, even for port 0) but
 /// which serves nothing until [`Server::run`].
@@ -42,10 +51,13 @@ pub struct Server {
     store: Store,
     main: TcpListener,
     health: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
 }
 
-/// Binds the main listener and, unless it is turned off, the legacy health listener.
+/// Loads the TLS files, if any, and binds the main listener and, unless it is turned off,
+/// the legacy health listener.
 pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
+    let tls = tls::acceptor(&settings.tls).context("configuring TLS")?;
     let main = TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
@@ -63,6 +75,7 @@ pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
         store,
         main,
         health,
+        tls,
     })
 }
 
@@ -99,6 +112,7 @@ impl Server {
             store,
             main,
             health,
+            tls,
         } = self;
         let draining = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -129,20 +143,27 @@ impl Server {
         )?;
         let drain = settings.shutdown.drain_timeout;
 
-        info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", "listening");
+        let tls_mode = match (&tls, settings.tls.client_ca.as_os_str().is_empty()) {
+            (None, _) => "off",
+            (Some(_), true) => "on",
+            (Some(_), false) => "mutual",
+        };
+        info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", tls = tls_mode, "listening");
+        let main_open = metrics.connections("main");
+        let main_listener = Listener::new("main", app, tls, &settings.server, main_open);
         let health_task = match health {
             Some(listener) => {
-                info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", "listening");
+                info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
                 let routes =
                     layers
                         .access
                         .guard(http_router(&draining, &settings, &layers.exporter));
                 let open = metrics.connections("health");
-                Some(serve("health", listener, routes, stop.clone(), drain, open))
+                let routes = Listener::new("health", routes, None, &settings.server, open);
+                Some(serve(listener, routes, stop.clone(), drain))
             }
             None => None,
         };
-        let main_open = metrics.connections("main");
         let servers = async {
             let health = async {
                 if let Some(task) = health_task {
@@ -150,7 +171,7 @@ impl Server {
                 }
             };
             tokio::join!(
-                serve("main", main, app, stop.clone(), drain, main_open),
+                serve(main, main_listener, stop.clone(), drain),
                 health,
                 store.expire_until(stop.cancelled()),
             );
@@ -300,25 +321,82 @@ fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exp
         ))
 }
 
-/// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
-/// the rest. Each connection is its own task, so one slow peer never holds up another.
-async fn serve(
+/// What every connection of one listener shares.
+struct Listener {
     name: &'static str,
-    listener: TcpListener,
     app: Router,
+    /// Counts this listener's open connections, for metrics.
+    open: Connections,
+    http: auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+    handshake_timeout: Duration,
+    idle_timeout: Option<Duration>,
+}
+
+impl Listener {
+    fn new(
+        name: &'static str,
+        app: Router,
+        tls: Option<TlsAcceptor>,
+        settings: &ServerSettings,
+        open: Connections,
+    ) -> Arc<Self> {
+        let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .max_buf_size(settings.max_header_bytes.max(MIN_HEADER_BYTES))
+            // Headers of a request after the first on a kept-alive connection; the first is
+            // bounded by handshake_timeout, in `serve_http`.
+            .header_read_timeout(idle_timeout);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(settings.max_streams_per_connection)
+            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(settings.keepalive_interval).filter(|t| !t.is_zero()))
+            .keep_alive_timeout(settings.keepalive_timeout);
+        Arc::new(Self {
+            name,
+            app,
+            open,
+            http,
+            tls,
+            max_connections: settings.max_connections,
+            handshake_timeout: settings.handshake_timeout,
+            idle_timeout,
+        })
+    }
+}
+
+/// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
+/// the rest. Each connection is its own task, TLS handshake included, so one slow peer never
+/// holds up another. Past `server.max_connections` a connection is closed as soon as it is
+/// accepted: the client learns at once, instead of waiting in the kernel's backlog.
+async fn serve(
+    listener: TcpListener,
+    shared: Arc<Listener>,
     stop: CancellationToken,
     drain: Duration,
-    open: Connections,
 ) {
+    let name = shared.name;
     let mut connections = JoinSet::new();
+    let mut refusals = Refusals::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let connection = serve_connection(stream, peer, app.clone(), stop.clone());
-                    connections.spawn(open.track(connection));
+                    // Finished connections may not have been reaped yet; they must not count.
+                    while connections.try_join_next().is_some() {}
+                    if connections.len() >= shared.max_connections {
+                        refusals.record(name, peer, shared.max_connections);
+                        drop(stream);
+                    } else {
+                        let connection = connection(stream, peer, shared.clone(), stop.clone());
+                        connections.spawn(shared.open.track(connection));
+                    }
                 }
                 Err(err) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -352,29 +430,293 @@ async fn serve(
     }
 }
 
-async fn serve_connection(
+/// How often, at most, refused connections are logged at warn: a flood of them must not
+/// flood the log too.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Connections refused for `server.max_connections` since the last warning.
+#[derive(Default)]
+struct Refusals {
+    since_warning: u64,
+    warned_at: Option<Instant>,
+}
+
+impl Refusals {
+    fn record(&mut self, listener: &'static str, peer: SocketAddr, max_connections: usize) {
+        self.since_warning += 1;
+        debug!(listener, %peer, max_connections, "refused a connection: server.max_connections reached");
+        if self
+            .warned_at
+            .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY)
+        {
+            warn!(
+                listener,
+                max_connections,
+                refused = self.since_warning,
+                "refusing connections: server.max_connections are open"
+            );
+            self.warned_at = Some(Instant::now());
+            self.since_warning = 0;
+        }
+    }
+}
+
+/// One connection, from accept to close: the TLS handshake if the listener has TLS, then
+/// HTTP. A failed handshake is the client's problem (plaintext to a TLS port, an unknown CA,
+/// no client certificate), so it is logged at debug only.
+async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    app: Router,
+    shared: Arc<Listener>,
     stop: CancellationToken,
 ) {
+    let accepted = Instant::now();
     // Small HTTP/2 frames must not wait for delayed ACKs (tonic does the same).
     if let Err(err) = stream.set_nodelay(true) {
         debug!(%peer, error = %err, "setting TCP_NODELAY failed");
     }
-    let app = Extension(ConnectInfo(peer)).layer(app);
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let connection =
-        builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app));
+    let Some(tls) = &shared.tls else {
+        return serve_http(TokioIo::new(stream), peer, accepted, &shared, stop).await;
+    };
+    let handshake =
+        tokio::time::timeout_at(accepted + shared.handshake_timeout, tls.accept(stream));
+    let stream = tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                debug!(listener = shared.name, %peer, error = %err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(listener = shared.name, %peer, "TLS handshake took longer than server.handshake_timeout");
+                return;
+            }
+        },
+        () = stop.cancelled() => return,
+    };
+    serve_http(TokioIo::new(stream), peer, accepted, &shared, stop).await;
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes, or until the connection is
+/// closed for sending no request within `server.handshake_timeout`, for having no open
+/// request for `server.idle_timeout`, or for shutdown.
+async fn serve_http<IO>(
+    io: IO,
+    peer: SocketAddr,
+    accepted: Instant,
+    shared: &Listener,
+    stop: CancellationToken,
+) where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new(accepted));
+    // Per-client rate limiting keys unauthenticated clients by their address.
+    let service = TowerToHyperService::new(Tracked {
+        inner: Extension(ConnectInfo(peer)).layer(shared.app.clone()),
+        activity: activity.clone(),
+    });
+    let connection = shared.http.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = stop.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let mut phase = Phase::Serving;
+    let result = loop {
+        let deadline = match (phase, activity.quiet()) {
+            // Bounded by shutdown.drain_timeout, in `serve`.
+            (Phase::ShuttingDown, _) => None,
+            // A peer that never answers the GOAWAY (dead, with keepalive off) must not keep
+            // the connection for ever; one that opened a stream meanwhile is served.
+            (Phase::IdleClosing(_), Quiet::Busy) => Some(Instant::now() + shared.handshake_timeout),
+            (Phase::IdleClosing(since), _) => Some(since + shared.handshake_timeout),
+            // Nothing wakes us when a request starts or ends, so look again after at most
+            // one idle_timeout: that is early enough for the idle deadline of a request
+            // that ends in the meantime.
+            (Phase::Serving, Quiet::NeverUsed) => {
+                let first_request = accepted + shared.handshake_timeout;
+                Some(match shared.idle_timeout {
+                    Some(idle) => first_request.min(Instant::now() + idle),
+                    None => first_request,
+                })
+            }
+            (Phase::Serving, Quiet::Busy) => shared.idle_timeout.map(|idle| Instant::now() + idle),
+            (Phase::Serving, Quiet::Since(at)) => shared.idle_timeout.map(|idle| at + idle),
+        };
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = stop.cancelled(), if phase != Phase::ShuttingDown => {
+                connection.as_mut().graceful_shutdown();
+                phase = Phase::ShuttingDown;
+            }
+            () = tokio::time::sleep_until(deadline.unwrap_or(accepted)), if deadline.is_some() => {
+                let now = Instant::now();
+                match (phase, activity.quiet()) {
+                    (Phase::Serving, Quiet::NeverUsed) if now >= accepted + shared.handshake_timeout => {
+                        // Nothing was asked, so there is nothing to finish gracefully.
+                        debug!(listener = shared.name, %peer, "no request within server.handshake_timeout, closing");
+                        return;
+                    }
+                    (Phase::Serving, Quiet::Since(at)) if shared.idle_timeout.is_some_and(|idle| now >= at + idle) => {
+                        debug!(listener = shared.name, %peer, "idle for server.idle_timeout, closing");
+                        connection.as_mut().graceful_shutdown();
+                        phase = Phase::IdleClosing(now);
+                    }
+                    (Phase::IdleClosing(_), Quiet::NeverUsed | Quiet::Since(_)) => {
+                        debug!(listener = shared.name, %peer, "no answer to the idle close, dropping the connection");
+                        return;
+                    }
+                    _ => {}
+                }
+            }
         }
     };
     if let Err(err) = result {
-        debug!(%peer, error = %err, "connection closed with an error");
+        debug!(listener = shared.name, %peer, error = %err, "connection closed with an error");
+    }
+}
+
+/// Where a connection is in its life, for the deadlines of `serve_http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Idle since `serve_http` asked it to close gracefully at this instant.
+    IdleClosing(Instant),
+    ShuttingDown,
+}
+
+/// The requests open on one connection, and when the last one ended: what the idle and
+/// first-request deadlines are measured from. Written by every request, read by the
+/// connection's own task when a deadline passes.
+struct Activity {
+    open: AtomicUsize,
+    /// Nanoseconds from `epoch` to the end of the latest request; [`NEVER`] before any.
+    last_end: AtomicU64,
+    epoch: Instant,
+}
+
+const NEVER: u64 = u64::MAX;
+
+enum Quiet {
+    Busy,
+    NeverUsed,
+    Since(Instant),
+}
+
+impl Activity {
+    fn new(epoch: Instant) -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            last_end: AtomicU64::new(NEVER),
+            epoch,
+        }
+    }
+
+    fn quiet(&self) -> Quiet {
+        // Acquire pairs with the Release in `Open::drop`: a request seen ended has its
+        // end time stored.
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Quiet::Busy;
+        }
+        match self.last_end.load(Ordering::Relaxed) {
+            NEVER => Quiet::NeverUsed,
+            nanos => Quiet::Since(self.epoch + Duration::from_nanos(nanos)),
+        }
+    }
+}
+
+/// One open request: from the service call until its response body is dropped, so a
+/// Subscribe stream counts for as long as it is open.
+struct Open(Arc<Activity>);
+
+impl Open {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.open.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let nanos = u64::try_from(activity.epoch.elapsed().as_nanos()).unwrap_or(NEVER - 1);
+        activity.last_end.store(nanos, Ordering::Relaxed);
+        activity.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// The router, counting each request in its connection's [`Activity`]. No allocation per
+/// request: the future and the body are wrapped in place.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, Req, B> Service<Req> for Tracked<S>
+where
+    S: Service<Req, Response = ::http::Response<B>>,
+{
+    type Response = ::http::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        TrackedFuture {
+            open: Some(Open::new(self.activity.clone())),
+            future: self.inner.call(request),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future; hands its [`Open`] on to the body.
+    struct TrackedFuture<F> {
+        #[pin]
+        future: F,
+        open: Option<Open>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<::http::Response<B>, E>>,
+{
+    type Output = Result<::http::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.future.poll(cx))?;
+        let open = this.open.take();
+        Poll::Ready(Ok(response.map(|body| TrackedBody { body, _open: open })))
+    }
+}
+
+pin_project! {
+    /// The response body, unchanged; the request counts as open until it is dropped.
+    struct TrackedBody<B> {
+        #[pin]
+        body: B,
+        _open: Option<Open>,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

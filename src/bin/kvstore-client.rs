@@ -8,6 +8,7 @@ use std::{
     ffi::OsString,
     fmt,
     io::{self, Write},
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, UNIX_EPOCH},
 };
@@ -31,6 +32,7 @@ use tonic_health::pb::{
 type Client = KeyValueStoreClient<InterceptedService<Channel, BearerToken>>;
 
 const EXIT_NOT_FOUND: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 3;
 const EXIT_GUARD_MISMATCH: u8 = 4;
 
@@ -57,7 +59,7 @@ const AFTER_HELP: &str = "\
 Exit codes:
   0  success, including a subscription stopped with Ctrl-C
   1  get, delete: the key does not exist
-  2  usage error
+  2  usage error, or a --ca-cert, --client-cert or --client-key file that cannot be used
   3  the server is unreachable or answered with an error status, the server ended a
      subscription (or subscribe --resume gave up), or health is not SERVING
   4  set, delete: the --if-revision or --if-absent guard did not match; nothing changed
@@ -81,13 +83,13 @@ struct Cli {
 /// The options of both the subcommand and the Go flag forms.
 #[derive(Debug, Args)]
 struct Common {
-    /// Server address: host:port or http://host:port.
+    /// Server address: host:port, http://host:port, or https://host:port (TLS).
     #[arg(
         long,
         global = true,
         env = "KVSTORE_ENDPOINT",
         default_value = "localhost:50051",
-        value_parser = kvstore::endpoint::parse
+        value_parser = kvstore::endpoint::parse_url
     )]
     server: Endpoint,
 
@@ -105,6 +107,63 @@ struct Common {
         value_parser = BearerToken::parse
     )]
     token: Option<BearerToken>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS to the server: on with --tls, an https:// address, --ca-cert or --client-cert.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// Connect with TLS. Without --ca-cert, the server's certificate must chain to a public CA
+    /// (Mozilla's roots, built in).
+    #[arg(long, global = true)]
+    tls: bool,
+
+    /// Trust only the CA certificates in this PEM file (a private CA). Implies --tls.
+    #[arg(long, global = true, value_name = "PATH", env = "KVSTORE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+
+    /// Present this certificate (PEM) to a server that verifies clients. Implies --tls.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "KVSTORE_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "KVSTORE_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
+}
+
+impl Common {
+    /// Switches the endpoint to TLS when the flags or the address ask for it.
+    fn apply_tls(&mut self) -> anyhow::Result<()> {
+        let TlsArgs {
+            tls,
+            ca_cert,
+            client_cert,
+            client_key,
+        } = &self.tls;
+        let https = self.server.uri().scheme_str() == Some("https");
+        if !(*tls || https || ca_cert.is_some() || client_cert.is_some()) {
+            return Ok(());
+        }
+        let settings = kvstore::endpoint::ClientTls {
+            ca_cert: ca_cert.clone(),
+            identity: client_cert.clone().zip(client_key.clone()),
+        };
+        self.server = kvstore::endpoint::with_tls(self.server.clone(), &settings)?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,7 +277,11 @@ enum LegacyOp {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let (common, command) = parse_args(std::env::args_os().collect());
+    let (mut common, command) = parse_args(std::env::args_os().collect());
+    if let Err(err) = common.apply_tls() {
+        report(format_args!("kvstore-client: {err:#}"));
+        return ExitCode::from(EXIT_USAGE);
+    }
     match run(common, command).await {
         Ok(code) => code,
         Err(err) => {
@@ -297,6 +360,9 @@ fn legacy_args(args: &[OsString]) -> Option<Vec<OsString>> {
         };
         if flag == "h" {
             rewritten.push("-h".into());
+        } else if flag == "tls" {
+            // Ours, not the Go client's: a switch, so it takes no value.
+            rewritten.push("--tls".into());
         } else if flag.contains('=') || flag == "help" {
             rewritten.push(format!("--{flag}").into());
         } else if let Some(value) = rest.next() {
@@ -326,6 +392,7 @@ async fn run(common: Common, command: Command) -> anyhow::Result<ExitCode> {
         server,
         output,
         token,
+        ..
     } = common;
     let channel = server.connect().await.map_err(|err| {
         let url = server.uri().to_string();

@@ -330,7 +330,8 @@ async fn a_usage_error_exits_2() {
         &["set", "user:1"],
         &["frobnicate"],
         &["--output", "yaml", "health"],
-        &["--server", "https://localhost:50051", "health"],
+        &["--server", "ftp://localhost:50051", "health"],
+        &["--client-cert", "client.pem", "health"],
         &["-op=delete", "-key=user:1"],
         &["-op=get"],
         &[

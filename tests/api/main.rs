@@ -4,6 +4,7 @@
 mod auth;
 mod binaries;
 mod client;
+mod connections;
 mod health;
 mod helpers;
 mod kv;
@@ -12,3 +13,4 @@ mod proxy;
 mod rate_limit;
 mod shutdown;
 mod subscribe;
+mod tls;

@@ -1,0 +1,416 @@
+//! Connection-level limits, seen from the client's side of the socket: too many connections,
+//! connections that send nothing or go idle, the HTTP/2 stream limit, oversized headers, and
+//! keepalive PINGs that drop a peer that stopped answering.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use kvstore::config::Settings;
+use kvstore::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+
+use crate::helpers::{PATIENCE, TestServer, http_get, spawn_with, test_settings};
+
+/// Short enough for a test to wait out, long enough to tell apart from "at once".
+const SHORT: Duration = Duration::from_millis(300);
+
+fn single_port(settings: impl FnOnce(&mut Settings)) -> Settings {
+    let mut s = test_settings();
+    s.server.health_listen = None;
+    settings(&mut s);
+    s
+}
+
+/// Reads until the server closes the connection, returning everything it sent. A reset counts
+/// as closed too: either way the server is done with us.
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut received = Vec::new();
+    let _ = timeout(PATIENCE, stream.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection in time");
+    received
+}
+
+/// One HTTP/1.1 request on a fresh connection, raw: the status line, or `None` if the
+/// server closed the connection without answering.
+async fn raw_get(addr: SocketAddr, path: &str, extra_headers: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra_headers}Connection: close\r\n\r\n");
+    // The server may have closed already (a refused connection); that shows in the read.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let received = read_until_closed(&mut stream).await;
+    let text = String::from_utf8_lossy(&received);
+    text.lines().next().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_at_once_until_one_closes() {
+    let server = spawn_with(single_port(|s| s.server.max_connections = 2)).await;
+    let mut kv = server.client().await;
+    let mut kv2 = server.client().await;
+    // A call on each proves both connections are being served, so both count.
+    for client in [&mut kv, &mut kv2] {
+        client
+            .get(pb::GetRequest { key: "a".into() })
+            .await
+            .unwrap();
+    }
+
+    let started = Instant::now();
+    assert_eq!(raw_get(server.grpc_addr, "/health/live", "").await, None);
+    assert!(
+        started.elapsed() < SHORT,
+        "refused at once, not after a timeout: {:?}",
+        started.elapsed()
+    );
+    // The open connections are unaffected.
+    kv.get(pb::GetRequest { key: "a".into() }).await.unwrap();
+
+    drop(kv);
+    // The server frees the slot a moment after the peer's close reaches it; nothing tells a
+    // client that moment, so try a bounded number of times.
+    let mut answer = None;
+    for _ in 0..100 {
+        answer = raw_get(server.grpc_addr, "/health/live", "").await;
+        if answer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(answer.as_deref(), Some("HTTP/1.1 200 OK"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_handshake_timeout() {
+    let server = spawn_with(single_port(|s| s.server.handshake_timeout = SHORT)).await;
+
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(server.grpc_addr).await.unwrap();
+    assert!(read_until_closed(&mut silent).await.is_empty());
+    assert!(started.elapsed() >= SHORT, "{:?}", started.elapsed());
+
+    // Headers that never finish (slowloris) count as nothing sent.
+    let started = Instant::now();
+    let mut slow = TcpStream::connect(server.grpc_addr).await.unwrap();
+    slow.write_all(b"GET /health/live HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    assert!(read_until_closed(&mut slow).await.is_empty());
+    assert!(started.elapsed() >= SHORT, "{:?}", started.elapsed());
+
+    // A prompt client is not affected.
+    assert_eq!(
+        raw_get(server.grpc_addr, "/health/live", "")
+            .await
+            .as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    server.shutdown().await;
+}
+
+/// An HTTP/2 connection made with the `h2` crate, so a test sees the frames' effects that
+/// hyper's and tonic's clients hide: the server's SETTINGS, and when the server ends the
+/// connection. `closed` resolves then.
+struct RawH2 {
+    send: h2::client::SendRequest<Bytes>,
+    closed: JoinHandle<Result<(), h2::Error>>,
+}
+
+impl RawH2 {
+    async fn connect(addr: SocketAddr) -> RawH2 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        RawH2 {
+            send,
+            closed: tokio::spawn(connection),
+        }
+    }
+
+    /// GET `path` and read the whole response; returns its status.
+    async fn get(&mut self, path: &str) -> http::StatusCode {
+        self.get_with(path, http::HeaderMap::new()).await
+    }
+
+    async fn get_with(&mut self, path: &str, headers: http::HeaderMap) -> http::StatusCode {
+        let mut request = http::Request::get(format!("http://test{path}"))
+            .body(())
+            .unwrap();
+        *request.headers_mut() = headers;
+        let send = self.send.clone().ready().await.unwrap();
+        let (response, _) = send.clone().send_request(request, true).unwrap();
+        let response = timeout(PATIENCE, response)
+            .await
+            .expect("a response in time")
+            .unwrap();
+        let status = response.status();
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+        }
+        status
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_idle_timeout() {
+    let server = spawn_with(single_port(|s| s.server.idle_timeout = SHORT)).await;
+
+    let mut h2 = RawH2::connect(server.grpc_addr).await;
+    assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
+    let idle_from = Instant::now();
+    // A graceful close: GOAWAY, then the server ends the connection.
+    timeout(PATIENCE, &mut h2.closed)
+        .await
+        .expect("the idle connection is closed in time")
+        .unwrap()
+        .expect("closed cleanly with GOAWAY");
+    assert!(idle_from.elapsed() >= SHORT, "{:?}", idle_from.elapsed());
+
+    // HTTP/1.1 keep-alive connections too.
+    let mut h1 = TcpStream::connect(server.grpc_addr).await.unwrap();
+    h1.write_all(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let idle_from = Instant::now();
+    let received = read_until_closed(&mut h1).await;
+    assert!(received.starts_with(b"HTTP/1.1 200 OK"));
+    assert!(idle_from.elapsed() >= SHORT, "{:?}", idle_from.elapsed());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_open_subscribe_stream_keeps_its_connection_however_quiet() {
+    let server = spawn_with(single_port(|s| {
+        s.server.idle_timeout = SHORT;
+        s.server.handshake_timeout = SHORT;
+    }))
+    .await;
+    let mut client = server.client().await;
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            key_pattern: "quiet/".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Several idle timeouts pass without a message: the stream stays open...
+    let quiet = timeout(SHORT * 3, stream.message()).await;
+    assert!(quiet.is_err(), "no message and no end: {quiet:?}");
+    // ...and still delivers.
+    client
+        .set(pb::SetRequest {
+            key: "quiet/a".into(),
+            value: "1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let event = timeout(PATIENCE, stream.message())
+        .await
+        .expect("the event in time")
+        .unwrap()
+        .expect("the stream is still open");
+    assert_eq!(event.key, "quiet/a");
+    drop(stream);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_stream_limit_is_announced_and_a_client_queues_past_it() {
+    let server = spawn_with(single_port(|s| s.server.max_streams_per_connection = 2)).await;
+
+    let mut h2 = RawH2::connect(server.grpc_addr).await;
+    // After a whole response, the server's SETTINGS have been applied.
+    assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
+    assert_eq!(h2.send.current_max_send_streams(), 2);
+
+    // tonic, on one connection: two Subscribe streams open, the third waits in the client
+    // until one of them ends.
+    let mut client = server.client().await;
+    fn request(n: usize) -> pb::SubscribeRequest {
+        pb::SubscribeRequest {
+            key_pattern: format!("limit/{n}/"),
+            ..Default::default()
+        }
+    }
+    let first = client.subscribe(request(1)).await.unwrap();
+    let _second = client.subscribe(request(2)).await.unwrap();
+    let mut third_client = client.clone();
+    let mut third = tokio::spawn(async move { third_client.subscribe(request(3)).await });
+    assert!(
+        timeout(SHORT, &mut third).await.is_err(),
+        "the third stream waits"
+    );
+    server.wait_for_subscriptions(2).await;
+
+    drop(first);
+    let third = timeout(PATIENCE, third)
+        .await
+        .expect("the third stream opens once the first ends")
+        .unwrap();
+    assert!(third.is_ok(), "{third:?}");
+    server.wait_for_subscriptions(2).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_the_server_keeps_serving() {
+    let server = spawn_with(single_port(|s| s.server.max_header_bytes = 8192)).await;
+    let big = "x".repeat(10_000);
+
+    // HTTP/1.1
+    assert_eq!(
+        raw_get(
+            server.grpc_addr,
+            "/health/live",
+            &format!("x-big: {big}\r\n")
+        )
+        .await
+        .as_deref(),
+        Some("HTTP/1.1 431 Request Header Fields Too Large")
+    );
+
+    // HTTP/2: the stream is refused with 431; the connection goes on.
+    let mut h2 = RawH2::connect(server.grpc_addr).await;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-big", big.parse().unwrap());
+    assert_eq!(
+        h2.get_with("/health/live", headers).await,
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
+
+    // gRPC: metadata counts as headers.
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(pb::GetRequest { key: "a".into() });
+    request.metadata_mut().insert("x-big", big.parse().unwrap());
+    let status = client.get(request).await.unwrap_err();
+    // tonic's mapping of an HTTP status it has no gRPC code for.
+    assert_eq!(status.code(), tonic::Code::Unknown);
+    assert!(
+        status.message().contains("431"),
+        "the client is told why: {status:?}"
+    );
+    client
+        .get(pb::GetRequest { key: "a".into() })
+        .await
+        .unwrap();
+
+    let (status, _) = http_get(&format!("http://{}/health/ready", server.grpc_addr), true).await;
+    assert_eq!(status, http::StatusCode::OK);
+    server.shutdown().await;
+}
+
+/// A TCP proxy for one connection that can be frozen: it then stops forwarding in both
+/// directions but keeps both sockets open, as a peer behind a dead network path would.
+/// `upstream_closed` resolves when the server closes its side.
+struct FreezableProxy {
+    addr: SocketAddr,
+    freeze: Option<oneshot::Sender<()>>,
+    upstream_closed: JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    async fn start(upstream: SocketAddr) -> FreezableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (freeze, frozen) = oneshot::channel::<()>();
+        let upstream_closed = tokio::spawn(async move {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let mut server = TcpStream::connect(upstream).await.unwrap();
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+                    panic!("the connection ended before the proxy froze");
+                }
+                _ = frozen => {}
+            }
+            // Read what the server still sends (its PINGs), answer nothing, until it closes.
+            let mut sink = Vec::new();
+            let _ = server.read_to_end(&mut sink).await;
+            drop(client);
+        });
+        FreezableProxy {
+            addr,
+            freeze: Some(freeze),
+            upstream_closed,
+        }
+    }
+
+    fn freeze(&mut self) {
+        let _ = self.freeze.take().expect("frozen once").send(());
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped_with_its_streams() {
+    let server: TestServer = spawn_with(single_port(|s| {
+        s.server.keepalive_interval = Duration::from_millis(100);
+        s.server.keepalive_timeout = Duration::from_millis(100);
+    }))
+    .await;
+    let mut proxy = FreezableProxy::start(server.grpc_addr).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::key_value_store_client::KeyValueStoreClient::new(channel);
+    let _stream = client
+        .subscribe(pb::SubscribeRequest {
+            key_pattern: "dead/".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    server.wait_for_subscriptions(1).await;
+
+    proxy.freeze();
+    timeout(PATIENCE, &mut proxy.upstream_closed)
+        .await
+        .expect("the server drops the silent peer in time")
+        .unwrap();
+    // The stream the dead peer held is released with the connection.
+    server.wait_for_subscriptions(0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_peer_that_never_answers_the_goaway_is_dropped() {
+    let server = spawn_with(single_port(|s| {
+        s.server.keepalive_interval = Duration::ZERO;
+        s.server.idle_timeout = Duration::from_millis(200);
+        s.server.handshake_timeout = SHORT;
+    }))
+    .await;
+    let mut proxy = FreezableProxy::start(server.grpc_addr).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::key_value_store_client::KeyValueStoreClient::new(channel);
+    client
+        .get(pb::GetRequest { key: "a".into() })
+        .await
+        .unwrap();
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    timeout(PATIENCE, &mut proxy.upstream_closed)
+        .await
+        .expect("the server drops the silent peer in time")
+        .unwrap();
+    // The graceful close had handshake_timeout to complete first.
+    assert!(frozen.elapsed() >= SHORT, "{:?}", frozen.elapsed());
+    server.shutdown().await;
+}
