@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper::body::{Bytes, Frame, SizeHint};
@@ -457,6 +457,9 @@ impl Drop for Call {
     }
 }
 
+/// The gRPC status header; a constant, so looking it up parses no header name.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// A response body that ends its call when the `grpc-status` trailer goes by.
 pub struct RpcBody {
     // Dropped first: a cancelled Subscribe is counted before dropping the stream
@@ -478,7 +481,7 @@ impl hyper::body::Body for RpcBody {
         let code = match &frame {
             Some(Ok(frame)) => frame
                 .trailers_ref()
-                .map(|trailers| grpc_code(trailers.get("grpc-status"))),
+                .map(|trailers| grpc_code(trailers.get(&GRPC_STATUS))),
             // The stream is reset; gRPC clients report that as INTERNAL.
             Some(Err(_)) => Some(INTERNAL),
             None => Some(UNKNOWN),
@@ -503,7 +506,7 @@ impl hyper::body::Body for RpcBody {
 /// The code a response settles in its headers: a trailers-only `grpc-status`, or an HTTP
 /// error mapped as gRPC clients map it.
 fn status_in_headers(response: &Response) -> Option<u8> {
-    if let Some(status) = response.headers().get("grpc-status") {
+    if let Some(status) = response.headers().get(&GRPC_STATUS) {
         return Some(grpc_code(Some(status)));
     }
     match response.status() {

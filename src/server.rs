@@ -37,7 +37,7 @@ use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::KvService;
 use crate::http;
 use crate::metrics::{self, Connections, Exporter, Metrics, RpcLayer};
-use crate::middleware::{Guard, guard_grpc};
+use crate::middleware::Guard;
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
@@ -229,7 +229,7 @@ fn main_router(
     let kv = Routes::new(kv)
         .into_axum_router()
         .reset_fallback()
-        .layer(axum::middleware::from_fn_with_state(guard, guard_grpc))
+        .layer(guard)
         .layer(RpcLayer::new(metrics));
 
     let reflection = || {
