@@ -65,6 +65,7 @@ const PERMISSION_DENIED: u8 = 7;
 const UNIMPLEMENTED: u8 = 12;
 const INTERNAL: u8 = 13;
 const UNAVAILABLE: u8 = 14;
+const DATA_LOSS: u8 = 15;
 const UNAUTHENTICATED: u8 = 16;
 
 /// Upper bounds of the latency buckets in nanoseconds: 10 µs to 10 s in 1-2.5-5 steps. A Get
@@ -452,8 +453,25 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        self.metrics
-            .record(self.rpc, self.code, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.metrics.record(self.rpc, self.code, elapsed);
+        log_call(self.rpc, self.code, elapsed);
+    }
+}
+
+/// Logs a call's outcome. This replaces a per-request span: creating one and recording its
+/// fields cost about 8% of a unary call's instructions, for context no handler logs into.
+/// Codes that mean the server failed are warnings; the rest (a missing key, a bad argument,
+/// a refused token, a shed call, a stream ended by shutdown) are a client's business or are
+/// counted in the metrics, and are logged at debug.
+fn log_call(rpc: Rpc, code: u8, elapsed: Duration) {
+    let method = rpc.name();
+    let code_name = CODES[usize::from(code)];
+    let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    if matches!(code, UNKNOWN | INTERNAL | DATA_LOSS) {
+        tracing::warn!(method, code = code_name, latency_us, "call failed");
+    } else {
+        tracing::debug!(method, code = code_name, latency_us, "call finished");
     }
 }
 

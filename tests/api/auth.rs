@@ -520,8 +520,15 @@ async fn tokens_never_reach_the_logs_or_the_printed_config() {
     let logs = seen.join("\n");
     assert!(
         logs.contains("/kvstore.KeyValueStore/Set"),
-        "debug logs trace each call: {logs}"
+        "debug logs trace each refusal: {logs}"
     );
+    let finished = seen
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .any(|line| {
+            line["message"] == "call finished" && line["method"] == "Set" && line["code"] == "OK"
+        });
+    assert!(finished, "debug logs each call with its code: {logs}");
     for secret in [WRITER, wrong] {
         assert!(!logs.contains(secret), "{secret} in the logs: {logs}");
     }
