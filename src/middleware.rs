@@ -1,6 +1,7 @@
 //! The guard in front of the KV service: a global in-flight limit that sheds load instead of
-//! queueing, and a deadline on unary calls. Both answer with real gRPC statuses; tower's
-//! own layers would answer with bare HTTP codes that clients misread as `UNAVAILABLE`.
+//! queueing, a deadline on unary calls, and the gate that shutdown closes. All answer with
+//! real gRPC statuses; tower's own layers would answer with bare HTTP codes that clients
+//! misread as `UNAVAILABLE`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::metrics::{Limit, Metrics};
@@ -17,6 +19,8 @@ use crate::metrics::{Limit, Metrics};
 #[derive(Clone)]
 pub struct Guard {
     permits: Arc<Semaphore>,
+    /// Every call admitted and not yet answered; closed by shutdown.
+    calls: TaskTracker,
     max_in_flight: usize,
     timeout: Duration,
     metrics: Arc<Metrics>,
@@ -28,6 +32,7 @@ impl Guard {
     pub fn new(max_in_flight: usize, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
+            calls: TaskTracker::new(),
             max_in_flight,
             timeout,
             metrics,
@@ -38,6 +43,14 @@ impl Guard {
     pub fn in_flight(&self) -> usize {
         self.max_in_flight - self.permits.available_permits()
     }
+
+    /// Refuses every later call with `UNAVAILABLE`, and returns once every call admitted
+    /// before has answered (a Subscribe: once it is registered). From then on no write can
+    /// be acknowledged, so every acknowledged one has been queued to its subscribers.
+    pub async fn close(&self) {
+        self.calls.close();
+        self.calls.wait().await;
+    }
 }
 
 /// The middleware function, for `axum::middleware::from_fn_with_state(guard, guard_grpc)`.
@@ -46,6 +59,13 @@ impl Guard {
 /// answers with its headers, so it is covered whole; a Subscribe stream answers as soon as
 /// it is registered, so a long-lived stream holds no permit and is never cut.
 pub async fn guard_grpc(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    // Counted before the check: `close` either sees this call or this call sees it closed.
+    let _call = guard.calls.token();
+    if guard.calls.is_closed() {
+        return grpc_error(Status::unavailable(
+            "server is shutting down; reconnect to another instance",
+        ));
+    }
     let Ok(_permit) = guard.permits.clone().try_acquire_owned() else {
         guard.metrics.refused(Limit::MaxInFlight);
         return grpc_error(Status::resource_exhausted(format!(
@@ -104,6 +124,7 @@ mod tests {
     use axum::body::Body;
     use axum::routing::post;
     use std::sync::Arc;
+    use std::task::Poll;
     use tokio::sync::Notify;
     use tower::ServiceExt;
 
@@ -155,6 +176,36 @@ mod tests {
         release.notify_one();
         let again = app.oneshot(request(None)).await.unwrap();
         assert_eq!(grpc_status(&again), None);
+    }
+
+    #[tokio::test]
+    async fn once_closed_calls_are_refused_and_close_waits_for_the_running_ones() {
+        let release = Arc::new(Notify::new());
+        let guard = Guard::new(4, Duration::from_secs(60), Arc::new(Metrics::new()));
+        let app = guarded(guard.clone(), release.clone());
+        let running = tokio::spawn(app.clone().oneshot(request(None)));
+        for _ in 0..1000 {
+            if guard.in_flight() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(guard.in_flight(), 1);
+
+        let mut close = std::pin::pin!(guard.close());
+        let first = std::future::poll_fn(|cx| Poll::Ready(close.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "a call is still running");
+        let refused = app.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(grpc_status(&refused), Some("14"), "UNAVAILABLE");
+
+        release.notify_one();
+        let done = running.await.unwrap().unwrap();
+        assert_eq!(grpc_status(&done), None);
+        tokio::time::timeout(Duration::from_secs(10), close)
+            .await
+            .expect("close returns once the running call has answered");
+        let refused = app.oneshot(request(None)).await.unwrap();
+        assert_eq!(grpc_status(&refused), Some("14"));
     }
 
     #[tokio::test(start_paused = true)]
