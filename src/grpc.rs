@@ -57,8 +57,8 @@ pub struct KvService {
 
 impl KvService {
     /// A service over `store`, refusing keys and values over `limits`. Cancelling `shutdown`
-    /// ends every open Subscribe stream with `UNAVAILABLE`. Refusals and delivered events
-    /// are counted in `metrics`.
+    /// ends every open Subscribe stream with `UNAVAILABLE`, once it has sent what is already
+    /// queued for it. Refusals and delivered events are counted in `metrics`.
     pub fn new(
         store: Store,
         limits: Limits,
@@ -441,8 +441,8 @@ impl KeyValueStore for KvService {
 
 /// The response stream of one Subscribe: the subscription's events until the client goes
 /// away (dropping it unsubscribes), the subscriber lags (`RESOURCE_EXHAUSTED`) or the server
-/// shuts down (`UNAVAILABLE`). Both statuses carry the last revision sent, so the client can
-/// resume from the next one.
+/// shuts down (`UNAVAILABLE`, after the changes already queued). Both statuses carry the
+/// last revision sent, so the client can resume from the next one.
 pub struct ChangeStream {
     subscription: Subscription,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -482,11 +482,9 @@ impl Stream for ChangeStream {
         if this.ended {
             return Poll::Ready(None);
         }
-        if this.shutdown.as_mut().poll(cx).is_ready() {
-            return this.end(Status::unavailable(
-                "server is shutting down; reconnect to another instance",
-            ));
-        }
+        // Shutdown cancels this only once no more writes can be acknowledged, so the changes
+        // still queued are the last ones: they are sent before the stream ends.
+        let shutting_down = this.shutdown.as_mut().poll(cx).is_ready();
         // Read before polling: if the queue then turns out empty, every matching change up
         // to this revision has been sent, which is what a PROGRESS event promises.
         let published = this.subscription.published_revision();
@@ -510,6 +508,12 @@ impl Stream for ChangeStream {
                 this.ended = true;
                 Poll::Ready(None)
             }
+            // Pending with events still queued means the task's budget ran out: it is
+            // woken again to send them.
+            Poll::Pending if shutting_down && this.subscription.is_empty() => this.end(
+                Status::unavailable("server is shutting down; reconnect to another instance"),
+            ),
+            Poll::Pending if shutting_down => Poll::Pending,
             Poll::Pending => {
                 let idle = this
                     .progress
@@ -600,6 +604,31 @@ mod tests {
             svc.get(get).await.unwrap_err().code(),
             Code::InvalidArgument
         );
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_a_stream_sends_what_is_queued_then_ends_with_unavailable() {
+        use tokio_stream::StreamExt;
+
+        let shutdown = CancellationToken::new();
+        let svc = KvService {
+            shutdown: shutdown.clone(),
+            ..service()
+        };
+        let request = Request::new(SubscribeRequest::default());
+        let mut stream = svc.subscribe(request).await.unwrap().into_inner();
+        for value in ["1", "2", "3"] {
+            svc.set(set("k", value)).await.unwrap();
+        }
+        shutdown.cancel();
+        for revision in 1..=3 {
+            let event = stream.next().await.unwrap().unwrap();
+            assert_eq!(event.revision, revision);
+        }
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.metadata().get(LAST_REVISION_TRAILER).unwrap(), "3");
+        assert!(stream.next().await.is_none());
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The guard in front of the KV service: a global in-flight limit that sheds load instead of
-//! queueing, and a deadline on unary calls. Both answer with real gRPC statuses; tower's
-//! own layers would answer with bare HTTP codes that clients misread as `UNAVAILABLE`.
+//! queueing, a deadline on unary calls, and the gate that shutdown closes. All answer with
+//! real gRPC statuses; tower's own layers would answer with bare HTTP codes that clients
+//! misread as `UNAVAILABLE`.
 //!
 //! It is a plain tower layer rather than an axum `from_fn`, which would box every call's
 //! future and clone the inner route per call: on the unary fast path that was about 2% of the
@@ -19,6 +20,8 @@ use axum::response::{IntoResponse, Response};
 use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -31,6 +34,8 @@ static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 #[derive(Clone)]
 pub struct Guard {
     permits: Arc<Semaphore>,
+    /// Every call admitted and not yet answered; closed by shutdown.
+    calls: TaskTracker,
     max_in_flight: usize,
     timeout: Duration,
     metrics: Arc<Metrics>,
@@ -42,6 +47,7 @@ impl Guard {
     pub fn new(max_in_flight: usize, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight)),
+            calls: TaskTracker::new(),
             max_in_flight,
             timeout,
             metrics,
@@ -51,6 +57,14 @@ impl Guard {
     /// Calls holding a permit now.
     pub fn in_flight(&self) -> usize {
         self.max_in_flight - self.permits.available_permits()
+    }
+
+    /// Refuses every later call with `UNAVAILABLE`, and returns once every call admitted
+    /// before has answered (a Subscribe: once it is registered). From then on no write can
+    /// be acknowledged, so every acknowledged one has been queued to its subscribers.
+    pub async fn close(&self) {
+        self.calls.close();
+        self.calls.wait().await;
     }
 }
 
@@ -90,6 +104,17 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let guard = &self.guard;
+        // Counted before the check: `close` either sees this call or this call sees it closed.
+        let call = guard.calls.token();
+        if guard.calls.is_closed() {
+            return Guarding {
+                state: State::Refused {
+                    response: Some(grpc_error(Status::unavailable(
+                        "server is shutting down; reconnect to another instance",
+                    ))),
+                },
+            };
+        }
         let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
             guard.metrics.refused(Limit::MaxInFlight);
             let refusal = grpc_error(Status::resource_exhausted(format!(
@@ -113,6 +138,7 @@ where
                 server_deadline: client.is_none_or(|t| t >= guard.timeout),
                 metrics: guard.metrics.clone(),
                 _permit: permit,
+                _call: call,
             },
         }
     }
@@ -131,7 +157,8 @@ pin_project! {
     enum State<F> {
         // Shed before it started; the refusal, until it is returned.
         Refused { response: Option<Response> },
-        // Running; the permit is released when the call answers or runs out of time.
+        // Running; the permit and the call's place in the tracker are released when the call
+        // answers or runs out of time.
         Running {
             #[pin]
             call: F,
@@ -142,6 +169,7 @@ pin_project! {
             server_deadline: bool,
             metrics: Arc<Metrics>,
             _permit: OwnedSemaphorePermit,
+            _call: TaskTrackerToken,
         },
     }
 }
@@ -214,6 +242,7 @@ mod tests {
     use axum::body::Body;
     use axum::routing::post;
     use std::sync::Arc;
+    use std::task::Poll;
     use tokio::sync::Notify;
     use tower::ServiceExt;
 
@@ -265,6 +294,36 @@ mod tests {
         release.notify_one();
         let again = app.oneshot(request(None)).await.unwrap();
         assert_eq!(grpc_status(&again), None);
+    }
+
+    #[tokio::test]
+    async fn once_closed_calls_are_refused_and_close_waits_for_the_running_ones() {
+        let release = Arc::new(Notify::new());
+        let guard = Guard::new(4, Duration::from_secs(60), Arc::new(Metrics::new()));
+        let app = guarded(guard.clone(), release.clone());
+        let running = tokio::spawn(app.clone().oneshot(request(None)));
+        for _ in 0..1000 {
+            if guard.in_flight() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(guard.in_flight(), 1);
+
+        let mut close = std::pin::pin!(guard.close());
+        let first = std::future::poll_fn(|cx| Poll::Ready(close.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "a call is still running");
+        let refused = app.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(grpc_status(&refused), Some("14"), "UNAVAILABLE");
+
+        release.notify_one();
+        let done = running.await.unwrap().unwrap();
+        assert_eq!(grpc_status(&done), None);
+        tokio::time::timeout(Duration::from_secs(10), close)
+            .await
+            .expect("close returns once the running call has answered");
+        let refused = app.oneshot(request(None)).await.unwrap();
+        assert_eq!(grpc_status(&refused), Some("14"));
     }
 
     #[tokio::test(start_paused = true)]

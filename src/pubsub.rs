@@ -387,6 +387,12 @@ impl Subscription {
         self.hub.inner.published.load(Ordering::Acquire)
     }
 
+    /// Whether no event is waiting to be received: nothing is left of the backlog and no
+    /// change is queued.
+    pub fn is_empty(&self) -> bool {
+        self.backlog.is_empty() && self.rx.is_empty()
+    }
+
     /// Waits for the next event. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Result<Event, Lagged>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await

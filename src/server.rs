@@ -103,9 +103,11 @@ impl Server {
     ///
     /// 1. `/health/ready` answers 503 and gRPC health says `NOT_SERVING`;
     /// 2. for `shutdown.drain_delay` everything keeps serving, so load balancers can react;
-    /// 3. the listeners stop accepting, open Subscribe streams end with `UNAVAILABLE`, and
-    ///    in-flight calls finish;
-    /// 4. connections still open after `shutdown.drain_timeout` are closed.
+    /// 3. the listeners stop accepting, and KV calls arriving on open connections are
+    ///    refused with `UNAVAILABLE`; calls in flight finish;
+    /// 4. then open Subscribe streams deliver what is queued for them and end with
+    ///    `UNAVAILABLE`: each has received every write that was acknowledged;
+    /// 5. connections still open after `shutdown.drain_timeout` are closed.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Server {
             settings,
@@ -116,6 +118,7 @@ impl Server {
         } = self;
         let draining = CancellationToken::new();
         let stop = CancellationToken::new();
+        let end_streams = CancellationToken::new();
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         reporter
@@ -137,7 +140,7 @@ impl Server {
             &settings,
             store.clone(),
             &draining,
-            &stop,
+            &end_streams,
             health_service,
             &layers,
         )?;
@@ -201,7 +204,18 @@ impl Server {
         }
         info!("shutdown: closing listeners and ending subscriptions");
         stop.cancel();
-        servers.await;
+        // A stream that ended before the last write was acknowledged would never see it.
+        let end_streams = async {
+            match tokio::time::timeout(drain, layers.guard.close()).await {
+                Ok(()) => debug!("shutdown: calls answered, ending subscriptions"),
+                Err(_) => warn!(
+                    drain_timeout = %humantime::format_duration(drain),
+                    "shutdown: calls still running at the drain deadline, ending subscriptions"
+                ),
+            }
+            end_streams.cancel();
+        };
+        tokio::join!(servers, end_streams);
         info!("shutdown complete");
         Ok(())
     }
@@ -216,7 +230,7 @@ fn main_router(
     settings: &Settings,
     store: Store,
     draining: &CancellationToken,
-    stop: &CancellationToken,
+    end_streams: &CancellationToken,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -225,7 +239,8 @@ fn main_router(
     auth::warn_if_exposed(&settings.auth, settings.server.listen);
     let metrics = layers.exporter.metrics();
     let guard = layers.guard.clone();
-    let kv = KvService::new(store, settings.limits, stop.clone(), metrics.clone()).into_server();
+    let kv =
+        KvService::new(store, settings.limits, end_streams.clone(), metrics.clone()).into_server();
     let kv = Routes::new(kv)
         .into_axum_router()
         .reset_fallback()

@@ -41,16 +41,22 @@ pub(crate) fn server_command() -> Command {
 }
 
 /// A running server binary and its JSON log lines.
-struct Running {
-    child: Child,
-    logs: Lines<BufReader<ChildStdout>>,
-    main: SocketAddr,
+pub(crate) struct Running {
+    pub(crate) child: Child,
+    pub(crate) logs: Lines<BufReader<ChildStdout>>,
+    pub(crate) main: SocketAddr,
 }
 
 impl Running {
     async fn start(command: &mut Command) -> Self {
+        Self::start_on(command, "127.0.0.1:0").await
+    }
+
+    /// Starts the server with its main listener on `listen` (the health listener on a free
+    /// port), and returns once it logs that the main listener is bound.
+    pub(crate) async fn start_on(command: &mut Command, listen: &str) -> Self {
         let mut child = command
-            .args(["--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--health-listen", "127.0.0.1:0"])
             .spawn()
             .unwrap();
         let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -68,7 +74,7 @@ impl Running {
         }
     }
 
-    fn signal(&self, signal: Signal) {
+    pub(crate) fn signal(&self, signal: Signal) {
         let pid = Pid::from_raw(self.child.id().expect("still running") as i32);
         kill(pid, signal).unwrap();
     }
@@ -107,7 +113,7 @@ impl Running {
         watch
     }
 
-    async fn client(&self) -> KeyValueStoreClient<tonic::transport::Channel> {
+    pub(crate) async fn client(&self) -> KeyValueStoreClient<tonic::transport::Channel> {
         KeyValueStoreClient::connect(format!("http://{}", self.main))
             .await
             .unwrap()

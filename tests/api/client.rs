@@ -75,8 +75,8 @@ async fn run_client(addr: SocketAddr, args: &[&str]) -> Finished {
 }
 
 /// A running `kvstore-client subscribe`, read line by line.
-struct Subscriber {
-    child: Child,
+pub(crate) struct Subscriber {
+    pub(crate) child: Child,
     stdout: Lines<BufReader<ChildStdout>>,
     stderr: Lines<BufReader<ChildStderr>>,
 }
@@ -84,7 +84,7 @@ struct Subscriber {
 impl Subscriber {
     /// Starts the client and returns once it has announced the subscription: the server has
     /// registered it by then, so every later write must reach it.
-    async fn start(mut command: Command, pattern: &str) -> Subscriber {
+    pub(crate) async fn start(mut command: Command, pattern: &str) -> Subscriber {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -115,7 +115,7 @@ impl Subscriber {
     }
 
     /// The next event line without its time, which `split_time` checks.
-    async fn next_change(&mut self) -> String {
+    pub(crate) async fn next_change(&mut self) -> String {
         split_time(self.next_event().await).1
     }
 

@@ -5,6 +5,7 @@ mod auth;
 mod binaries;
 mod client;
 mod connections;
+mod faults;
 mod health;
 mod helpers;
 mod kv;

@@ -26,14 +26,14 @@ const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,appl
 
 /// One scrape: its content type, its text, and each sample by its series as printed
 /// (`name{label="value",...}`).
-struct Scrape {
+pub(crate) struct Scrape {
     content_type: String,
     text: String,
     samples: HashMap<String, f64>,
 }
 
 impl Scrape {
-    fn get(&self, series: &str) -> f64 {
+    pub(crate) fn get(&self, series: &str) -> f64 {
         *self
             .samples
             .get(series)
@@ -68,7 +68,7 @@ impl Scrape {
     }
 }
 
-async fn scrape(base: &str, accept: Option<&str>) -> Scrape {
+pub(crate) async fn scrape(base: &str, accept: Option<&str>) -> Scrape {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let mut request = http::Request::get(format!("{base}/metrics"));
     if let Some(accept) = accept {
