@@ -170,16 +170,22 @@ pub enum Limit {
     MaxValueBytes,
     /// `limits.max_batch_ops`: a Batch carried too many ops.
     MaxBatchOps,
+    /// `server.max_connections`: a connection was closed as soon as it was accepted.
+    MaxConnections,
+    /// `rate_limit.per_client`: a client was over its rate.
+    RatePerClient,
 }
 
 impl Limit {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 8] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
         Self::MaxKeyBytes,
         Self::MaxValueBytes,
         Self::MaxBatchOps,
+        Self::MaxConnections,
+        Self::RatePerClient,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -191,6 +197,8 @@ impl Limit {
             Self::MaxKeyBytes => "limits.max_key_bytes",
             Self::MaxValueBytes => "limits.max_value_bytes",
             Self::MaxBatchOps => "limits.max_batch_ops",
+            Self::MaxConnections => "server.max_connections",
+            Self::RatePerClient => "rate_limit.per_client",
         }
     }
 }

@@ -22,6 +22,7 @@ use tracing::{debug, info};
 
 use crate::auth::{Caller, is_grpc, is_health_check};
 use crate::config::RateLimitSettings;
+use crate::metrics::{Limit, Metrics};
 
 /// How often buckets that have refilled are dropped. A full bucket is the same as no bucket,
 /// so dropping it forgets nothing; this is what bounds the memory to the clients seen in
@@ -48,6 +49,7 @@ pub struct RateLimit(Arc<Inner>);
 
 struct Inner {
     limiter: DefaultKeyedRateLimiter<ClientKey>,
+    metrics: Arc<Metrics>,
     per_client: u32,
     epoch: Instant,
     /// Nanoseconds after `epoch` when the next prune is due.
@@ -56,7 +58,8 @@ struct Inner {
 
 impl RateLimit {
     /// `None` when `rate_limit.per_client` is 0 (off).
-    pub fn new(settings: RateLimitSettings) -> Option<Self> {
+    /// Refusals are counted in `metrics`.
+    pub fn new(settings: RateLimitSettings, metrics: Arc<Metrics>) -> Option<Self> {
         let per_client = NonZeroU32::new(settings.per_client)?;
         let burst = NonZeroU32::new(settings.burst).unwrap_or(per_client);
         info!(
@@ -67,6 +70,7 @@ impl RateLimit {
         let quota = Quota::per_second(per_client).allow_burst(burst);
         Some(Self(Arc::new(Inner {
             limiter: RateLimiter::dashmap(quota),
+            metrics,
             per_client: per_client.get(),
             epoch: Instant::now(),
             next_prune: AtomicU64::new(nanos(PRUNE_EVERY)),
@@ -118,6 +122,7 @@ pub async fn rate_limit(State(limit): State<RateLimit>, request: Request, next: 
         Ok(()) => next.run(request).await,
         Err(wait) => {
             debug!(client = ?key, path = request.uri().path(), "refused: rate limit");
+            limit.0.metrics.refused(Limit::RatePerClient);
             refuse(limit.0.per_client, wait, is_grpc(&request))
         }
     }
@@ -177,12 +182,45 @@ mod tests {
         assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
     }
 
+    #[tokio::test]
+    async fn a_refusal_is_a_429_and_is_counted() {
+        use axum::Router;
+        use axum::body::Body;
+        use axum::routing::get;
+        use tower::ServiceExt;
+
+        let metrics = Arc::new(Metrics::new());
+        let settings = RateLimitSettings {
+            per_client: 1,
+            burst: 1,
+        };
+        let limit = RateLimit::new(settings, metrics.clone()).unwrap();
+        let app = Router::new()
+            .route("/metrics", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn_with_state(limit, rate_limit));
+        let request = || {
+            let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+            let mut request = Request::get("/metrics").body(Body::empty()).unwrap();
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request
+        };
+        let first = app.clone().oneshot(request()).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let refused = app.oneshot(request()).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(metrics.refusals(Limit::RatePerClient), 1);
+    }
+
     #[test]
     fn a_bucket_empties_after_its_burst_and_names_the_wait() {
-        let limit = RateLimit::new(RateLimitSettings {
-            per_client: 1,
-            burst: 2,
-        })
+        let limit = RateLimit::new(
+            RateLimitSettings {
+                per_client: 1,
+                burst: 2,
+            },
+            Arc::new(Metrics::new()),
+        )
         .unwrap();
         let a = ClientKey::Token(0);
         assert_eq!(limit.check(&a), Ok(()));
@@ -194,20 +232,26 @@ mod tests {
         );
         assert_eq!(limit.check(&ClientKey::Token(1)), Ok(()), "another client");
         assert!(
-            RateLimit::new(RateLimitSettings {
-                per_client: 0,
-                burst: 5
-            })
+            RateLimit::new(
+                RateLimitSettings {
+                    per_client: 0,
+                    burst: 5
+                },
+                Arc::new(Metrics::new()),
+            )
             .is_none()
         );
     }
 
     #[test]
     fn pruning_drops_only_full_buckets() {
-        let limit = RateLimit::new(RateLimitSettings {
-            per_client: 1,
-            burst: 1,
-        })
+        let limit = RateLimit::new(
+            RateLimitSettings {
+                per_client: 1,
+                burst: 1,
+            },
+            Arc::new(Metrics::new()),
+        )
         .unwrap();
         limit.check(&ClientKey::Token(0)).unwrap();
         limit.0.next_prune.store(0, Ordering::Relaxed);

@@ -36,7 +36,7 @@ use crate::auth::{self, Auth};
 use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::KvService;
 use crate::http;
-use crate::metrics::{self, Connections, Exporter, Metrics, RpcLayer};
+use crate::metrics::{self, Connections, Exporter, Limit, Metrics, RpcLayer};
 use crate::middleware::Guard;
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
@@ -134,7 +134,7 @@ impl Server {
         let layers = Layers {
             guard,
             exporter,
-            access: Access::new(&settings)?,
+            access: Access::new(&settings, metrics.clone())?,
         };
         let app = main_router(
             &settings,
@@ -152,8 +152,7 @@ impl Server {
             (Some(_), false) => "mutual",
         };
         info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", tls = tls_mode, "listening");
-        let main_open = metrics.connections("main");
-        let main_listener = Listener::new("main", app, tls, &settings.server, main_open);
+        let main_listener = Listener::new("main", app, tls, &settings.server, &metrics);
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
@@ -161,8 +160,7 @@ impl Server {
                     layers
                         .access
                         .guard(http_router(&draining, &settings, &layers.exporter));
-                let open = metrics.connections("health");
-                let routes = Listener::new("health", routes, None, &settings.server, open);
+                let routes = Listener::new("health", routes, None, &settings.server, &metrics);
                 Some(serve(listener, routes, stop.clone(), drain))
             }
             None => None,
@@ -290,10 +288,10 @@ struct Access {
 }
 
 impl Access {
-    fn new(settings: &Settings) -> anyhow::Result<Self> {
+    fn new(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         Ok(Self {
             auth: Auth::new(&settings.auth)?,
-            rate_limit: RateLimit::new(settings.rate_limit),
+            rate_limit: RateLimit::new(settings.rate_limit, metrics),
         })
     }
 
@@ -344,6 +342,8 @@ struct Listener {
     app: Router,
     /// Counts this listener's open connections, for metrics.
     open: Connections,
+    /// Counts connections refused for `server.max_connections`.
+    metrics: Arc<Metrics>,
     http: auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
@@ -357,7 +357,7 @@ impl Listener {
         app: Router,
         tls: Option<TlsAcceptor>,
         settings: &ServerSettings,
-        open: Connections,
+        metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
         let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
         let mut http = auto::Builder::new(TokioExecutor::new());
@@ -376,7 +376,8 @@ impl Listener {
         Arc::new(Self {
             name,
             app,
-            open,
+            open: metrics.connections(name),
+            metrics: metrics.clone(),
             http,
             tls,
             max_connections: settings.max_connections,
@@ -409,6 +410,7 @@ async fn serve(
                     while connections.try_join_next().is_some() {}
                     if connections.len() >= shared.max_connections {
                         refusals.record(name, peer, shared.max_connections);
+                        shared.metrics.refused(Limit::MaxConnections);
                         drop(stream);
                     } else {
                         let connection = connection(stream, peer, shared.clone(), stop.clone());

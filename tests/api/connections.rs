@@ -84,6 +84,9 @@ async fn connections_past_max_connections_are_closed_at_once_until_one_closes() 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(answer.as_deref(), Some("HTTP/1.1 200 OK"));
+    let metrics = crate::metrics::scrape(&format!("http://{}", server.grpc_addr), None).await;
+    let refused = metrics.get("kvstore_limit_refusals_total{limit=\"server.max_connections\"}");
+    assert!(refused >= 1.0, "each refusal is counted: {refused}");
     server.shutdown().await;
 }
 
