@@ -3,6 +3,11 @@
 //! CPU use as a table or one JSON object; `bare-server` serves the constant-answer fixture that is
 //! the ceiling of any store built on this gRPC stack. Progress goes to stderr, results to stdout.
 
+// The same allocator as kvstore-server, so the bare fixture is the ceiling of this stack as
+// kvstore runs it, not a server handicapped by glibc malloc; the load tool gains too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
