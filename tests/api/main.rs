@@ -8,6 +8,7 @@ mod connections;
 mod health;
 mod helpers;
 mod kv;
+mod load;
 mod metrics;
 mod proxy;
 mod rate_limit;
