@@ -128,6 +128,11 @@ struct Target {
     /// Bearer token for a server with authentication on.
     #[arg(long, env = "KVSTORE_TOKEN", hide_env_values = true, value_parser = BearerToken::parse)]
     token: Option<BearerToken>,
+
+    /// Local address of this run's connections, so that a server limiting by address counts
+    /// it apart from other runs (on Linux every 127.x.y.z is loopback).
+    #[arg(long, value_name = "IP")]
+    source: Option<IpAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -2736,7 +2741,7 @@ fn print(report: &impl Summary, json: bool) -> anyhow::Result<()> {
 
 /// Opens `count` connections: each `connect` of the endpoint is its own HTTP/2 connection.
 async fn connect(target: &Target, count: u32) -> anyhow::Result<Vec<Client>> {
-    let endpoint = &target.server;
+    let endpoint = target.server.clone().local_address(target.source);
     let token = target.token.clone().unwrap_or_default();
     let mut clients = Vec::new();
     for _ in 0..count {
