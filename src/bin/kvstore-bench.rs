@@ -9,7 +9,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -77,6 +77,16 @@ const STREAMS_PER_CONNECTION: u32 = 100;
 /// How often the fan-out run checks whether every subscriber has caught up.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
+/// How often the server's memory is read while subscribers are held.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// Subscribers on one connection of never-reading subscribers.
+const NEVER_READING_PER_CONNECTION: usize = 100;
+
+/// After a hostile round, how long its never-reading subscribers may take to read what
+/// they were sent and reach the end of their streams.
+const NEVER_READING_DRAIN: Duration = Duration::from_secs(30);
+
 /// Load generator for a kvstore server, and the bare tonic server it is compared with.
 #[derive(Debug, Parser)]
 #[command(name = "kvstore-bench", version)]
@@ -101,6 +111,13 @@ enum Command {
     BareServer(BareServerArgs),
     /// Set keys `key:000000000000`... through Batch, e.g. to compare memory use.
     LoadKeys(LoadKeysArgs),
+    /// Hold many Subscribe streams open, optionally with writes, then close them: the
+    /// server's memory per subscriber and after they leave (--server-pid).
+    Subscribers(SubscribersArgs),
+    /// Unary load from a well-behaved client in rounds without and with hostile clients
+    /// (never-reading subscribers, silent connections, a flooder past its rate limit),
+    /// alternating: its throughput and latency with over without, side by side.
+    Hostile(HostileArgs),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +133,11 @@ struct Target {
     /// Bearer token for a server with authentication on.
     #[arg(long, env = "KVSTORE_TOKEN", hide_env_values = true, value_parser = BearerToken::parse)]
     token: Option<BearerToken>,
+
+    /// Local address of this run's connections, so that a server limiting by address counts
+    /// it apart from other runs (on Linux every 127.x.y.z is loopback).
+    #[arg(long, value_name = "IP")]
+    source: Option<IpAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -293,6 +315,136 @@ struct LoadKeysArgs {
     concurrency: u32,
 }
 
+#[derive(Debug, Args)]
+struct SubscribersArgs {
+    #[command(flatten)]
+    target: Target,
+
+    /// Subscriptions to hold open, spread evenly over the prefixes.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    subscribers: u32,
+
+    /// Distinct prefixes subscribed to; the writes go to them in turn.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    prefixes: u32,
+
+    /// Subscription streams per connection (the server allows 200 by default).
+    #[arg(long, default_value_t = STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
+    streams_per_connection: u32,
+
+    /// How long to hold them idle, once all are open, before any write.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+
+    /// Then write this many times per second, all writers together, for --duration; without
+    /// it, nothing is written.
+    #[arg(long, value_name = "WRITES_PER_S", value_parser = parse_rate)]
+    rate: Option<f64>,
+
+    /// Writers, each with its own connection and one Set in flight.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    writers: u32,
+
+    /// How long to write: 10s, 1m.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+
+    /// Bytes per value; each value is the send instant in nanoseconds, zero-padded to this.
+    #[arg(long, default_value_t = 20)]
+    value_size: usize,
+
+    /// After the last write, how long to wait for subscribers to receive every event.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+
+    /// After every subscriber has disconnected, how long to wait before reading the server's
+    /// memory again: it frees theirs in its own tasks, and the allocator returns pages later.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    settle: Duration,
+}
+
+/// A kind of hostile client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Hostile {
+    /// Subscribers to every key whose application never reads: once their HTTP/2 window and
+    /// their queue on the server (subscriptions.buffer) are full, they lag.
+    NeverReading,
+    /// TCP connections that never send a byte, each reopened as soon as the server closes
+    /// it (server.handshake_timeout).
+    Silent,
+    /// Clients calling Get as fast as they can, past the server's rate_limit.per_client.
+    Flood,
+    /// All three at once.
+    All,
+}
+
+impl Hostile {
+    fn includes(self, kind: Hostile) -> bool {
+        self == kind || self == Hostile::All
+    }
+}
+
+#[derive(Debug, Args)]
+struct HostileArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The well-behaved client's load, in each round (--duration is per round).
+    #[command(flatten)]
+    load: Load,
+    #[command(flatten)]
+    mix: Mix,
+
+    /// The well-behaved client's calls per second, open-loop; without it, as fast as the
+    /// server answers. It is one client: keep it under the server's rate_limit.per_client.
+    #[arg(long, value_name = "CALLS_PER_S", value_parser = parse_rate)]
+    rate: Option<f64>,
+
+    /// Set every key of the key space before the rounds, so gets find their keys.
+    #[arg(long)]
+    preload: bool,
+
+    /// Which hostile clients to measure, each in rounds of its own, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "never-reading,silent,flood,all"
+    )]
+    hostile: Vec<Hostile>,
+
+    /// Pairs of rounds (without, with) per hostile kind; their order alternates, so that a
+    /// drift of the machine's speed does not favour either side.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+
+    /// Never-reading subscribers.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    never_reading: u32,
+
+    /// The never-reading subscribers' HTTP/2 stream window, in bytes: what the server can
+    /// send one before its queue starts to fill.
+    #[arg(long, default_value_t = 16 * 1024)]
+    never_reading_window: u32,
+
+    /// Silent connections held open at once.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    silent: u32,
+
+    /// Flooder connections.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    flood_connections: u32,
+
+    /// Get calls in flight per flooder connection.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    flood_concurrency: u32,
+
+    /// Local address of every hostile connection, so that a server limiting by address
+    /// counts them apart from the well-behaved client (on Linux every 127.x.y.z is loopback).
+    #[arg(long, default_value = "127.0.0.2")]
+    hostile_source: IpAddr,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -301,6 +453,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Fanout(args) => print(&fanout(args).await?, cli.json),
         Command::Batch(args) => print(&batch(args).await?, cli.json),
         Command::LoadKeys(args) => print(&load_keys(args).await?, cli.json),
+        Command::Subscribers(args) => print(&subscribers(args).await?, cli.json),
+        Command::Hostile(args) => print(&hostile(args).await?, cli.json),
         Command::BareServer(args) => bare_server(args).await,
     }
 }
@@ -326,30 +480,11 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
         idle.spawn(drain(stream, stop_idle.clone()));
     }
     let cpu = CpuWatch::start(args.target.server_pid)?;
-    let (end, limit) = args.load.bounds();
-    let (schedule, pacer) = match args.rate {
-        Some(rate) => {
-            let (schedule, pacer) = Schedule::open(rate, end, limit);
-            (schedule, Some(pacer))
-        }
-        None => (Schedule::closed(end, limit), None),
-    };
-    let bar = progress_bar(limit, "calls");
-    let started = Instant::now();
-    let mut workers = JoinSet::new();
-    for client in &clients {
-        for _ in 0..args.load.concurrency {
-            workers.spawn(unary_worker(
-                client.clone(),
-                schedule.clone(),
-                workload.clone(),
-                bar.clone(),
-            ));
-        }
-    }
-    let tally = Tally::merge_all(join_all(workers).await?);
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
+    let UnaryRun {
+        tally,
+        seconds,
+        behind_schedule,
+    } = run_unary(&clients, &workload, &args.load, args.rate).await?;
     // Before the idle subscriptions close, so that closing them is not counted.
     let cpu = cpu.stop(tally.ops)?;
     stop_idle.cancel();
@@ -364,10 +499,10 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
             counts_row(&by_name(&idle_ended))
         );
     }
-    let open_loop = match (args.rate, pacer) {
-        (Some(rate), Some(pacer)) => Some(OpenLoopReport {
+    let open_loop = match (args.rate, behind_schedule) {
+        (Some(rate), Some(behind_schedule)) => Some(OpenLoopReport {
             rate,
-            behind_schedule: pacer.behind_schedule()?,
+            behind_schedule,
             send_lag_us: Latency::of(&tally.lag),
         }),
         _ => None,
@@ -388,6 +523,53 @@ async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
         errors: by_name(&tally.errors),
         latency_us: Latency::of(&tally.latency),
         cpu,
+    })
+}
+
+/// One stretch of unary calls, measured.
+struct UnaryRun {
+    tally: Tally,
+    seconds: f64,
+    /// Open loop only: calls that fell due but were never sent.
+    behind_schedule: Option<u64>,
+}
+
+/// Runs `load` on `clients`, open-loop at `rate` calls/s if given.
+async fn run_unary(
+    clients: &[Client],
+    workload: &Arc<Workload>,
+    load: &Load,
+    rate: Option<f64>,
+) -> anyhow::Result<UnaryRun> {
+    let (end, limit) = load.bounds();
+    let (schedule, pacer) = match rate {
+        Some(rate) => {
+            let (schedule, pacer) = Schedule::open(rate, end, limit);
+            (schedule, Some(pacer))
+        }
+        None => (Schedule::closed(end, limit), None),
+    };
+    let bar = progress_bar(limit, "calls");
+    let started = Instant::now();
+    let mut workers = JoinSet::new();
+    for client in clients {
+        for _ in 0..load.concurrency {
+            workers.spawn(unary_worker(
+                client.clone(),
+                schedule.clone(),
+                workload.clone(),
+                bar.clone(),
+            ));
+        }
+    }
+    let tally = Tally::merge_all(join_all(workers).await?);
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let behind_schedule = pacer.map(Pacer::behind_schedule).transpose()?;
+    Ok(UnaryRun {
+        tally,
+        seconds,
+        behind_schedule,
     })
 }
 
@@ -562,135 +744,367 @@ async fn preload(
 // fanout
 
 async fn fanout(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
-    // Send and receive instants are both nanoseconds since this one instant, so a delivery
-    // latency is a difference of two readings of one monotonic clock.
-    let epoch = Instant::now();
-    let subscribers = args.subscribers as usize;
-    let per_connection = args.streams_per_connection as usize;
-    // Prefixes of this run alone, so no other writes reach its subscribers and every event
-    // must match an acknowledged write of this run.
-    let run = format!(
-        "bench/{}-{}/",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-    );
-    let prefixes: Arc<[String]> = (0..args.prefixes).map(|p| format!("{run}{p}/")).collect();
-    // Contiguous blocks of subscribers share a prefix, and so mostly a connection too.
-    let prefix_of = |subscriber: usize| subscriber * prefixes.len() / subscribers;
-
-    let patterns = (0..subscribers)
-        .map(|subscriber| prefixes[prefix_of(subscriber)].clone())
-        .collect();
-    let (clients, opened) = subscribe_all(&args.target, patterns, per_connection).await?;
-
-    let stop = CancellationToken::new();
-    let bar = progress_bar(None, "events");
-    let states: Vec<Arc<Delivery>> = (0..subscribers).map(|_| Arc::default()).collect();
-    let mut readers = JoinSet::new();
-    for (subscriber, stream) in opened {
-        readers.spawn(receive(
-            subscriber,
-            stream,
-            states[subscriber].clone(),
-            stop.clone(),
-            epoch,
-            bar.clone(),
-        ));
-    }
-
+    let audience = Audience::open(
+        &args.target,
+        args.subscribers as usize,
+        args.prefixes,
+        args.streams_per_connection as usize,
+    )
+    .await?;
     let writer_clients = connect(&args.target, args.writers).await?;
     let cpu = CpuWatch::start(args.target.server_pid)?;
-    let started = Instant::now();
-    let (schedule, pacer) = Schedule::open(args.rate, Some(started + args.duration), None);
-    let mut writers = JoinSet::new();
-    for (writer, client) in writer_clients.into_iter().enumerate() {
-        writers.spawn(write(
-            client,
-            writer,
-            schedule.clone(),
-            prefixes.clone(),
-            epoch,
-            args.value_size,
-        ));
-    }
-    let written = join_all(writers).await?;
-    let write_seconds = started.elapsed().as_secs_f64();
-    let behind_schedule = pacer.behind_schedule()?;
-
-    let mut expected = vec![Vec::new(); prefixes.len()];
-    let mut write_errors = HashMap::new();
-    for writer in &written {
-        for &(prefix, revision) in &writer.acked {
-            expected[prefix].push(revision);
-        }
-        for (&code, &count) in &writer.errors {
-            *write_errors.entry(code).or_default() += count;
-        }
-    }
-    for revisions in &mut expected {
-        revisions.sort_unstable();
-    }
-    let writes: u64 = expected.iter().map(|r| r.len() as u64).sum();
-
-    let caught_up = || {
-        states.iter().enumerate().all(|(subscriber, state)| {
-            state.ended.load(Ordering::Acquire)
-                || expected[prefix_of(subscriber)]
-                    .last()
-                    .is_none_or(|&last| state.last_revision.load(Ordering::Acquire) >= last)
-        })
-    };
-    let drain_until = Instant::now() + args.drain;
-    while !caught_up() && Instant::now() < drain_until {
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
-    let delivery_seconds = started.elapsed().as_secs_f64();
-    stop.cancel();
-    let received = join_all(readers).await?;
-    bar.finish_and_clear();
-
-    let mut latency = new_histogram();
-    let mut check = SequenceCheck::default();
-    let mut ended = HashMap::new();
-    let mut events_expected = 0;
-    for subscriber in &received {
-        for &nanos in &subscriber.latencies {
-            record(&mut latency, nanos);
-        }
-        let expected = &expected[prefix_of(subscriber.index)];
-        events_expected += expected.len() as u64;
-        check.add(check_sequence(&subscriber.revisions, expected));
-        if let Some(code) = subscriber.ended {
-            *ended.entry(code).or_default() += 1;
-        }
-    }
-    let delivered: u64 = received.iter().map(|s| s.revisions.len() as u64).sum();
+    let writes = audience
+        .write(writer_clients, args.rate, args.duration, args.value_size)
+        .await?;
+    audience.wait_caught_up(&writes.expected, args.drain).await;
+    let delivery_seconds = writes.started.elapsed().as_secs_f64();
+    let subscriber_connections = audience.clients.len();
+    let deliveries = audience.finish(&writes.expected).await?;
+    let count = writes.count();
     Ok(FanoutReport {
         mode: "fanout",
         server: args.target.server.uri().to_string(),
         subscribers: args.subscribers,
         prefixes: args.prefixes,
-        subscriber_connections: clients.len(),
+        subscriber_connections,
         writers: args.writers,
         target_rate: args.rate,
-        write_seconds,
-        writes,
-        writes_per_s: writes as f64 / write_seconds,
-        behind_schedule,
-        write_errors: by_name(&write_errors),
-        events_expected,
-        events_delivered: delivered,
-        events_per_s: delivered as f64 / delivery_seconds,
-        missing: check.missing,
-        reordered: check.reordered,
-        unacknowledged: check.unacknowledged,
-        streams_ended: by_name(&ended),
-        delivery_latency_us: Latency::of(&latency),
-        cpu: cpu.stop(delivered)?,
+        write_seconds: writes.seconds,
+        writes: count,
+        writes_per_s: count as f64 / writes.seconds,
+        behind_schedule: writes.behind_schedule,
+        write_errors: by_name(&writes.errors),
+        events_expected: deliveries.expected,
+        events_delivered: deliveries.delivered,
+        events_per_s: deliveries.delivered as f64 / delivery_seconds,
+        missing: deliveries.check.missing,
+        reordered: deliveries.check.reordered,
+        unacknowledged: deliveries.check.unacknowledged,
+        streams_ended: by_name(&deliveries.ended),
+        delivery_latency_us: Latency::of(&deliveries.latency),
+        cpu: cpu.stop(deliveries.delivered)?,
     })
+}
+
+/// Subscribers on the prefixes of one run, each read by a task of its own until
+/// [`Audience::finish`]: what `fanout` and `subscribers` share.
+struct Audience {
+    /// Send and receive instants are both nanoseconds since this one instant, so a delivery
+    /// latency is a difference of two readings of one monotonic clock.
+    epoch: Instant,
+    prefixes: Arc<[String]>,
+    /// Each subscriber's index in `prefixes`.
+    prefix_of: Vec<usize>,
+    /// They keep the subscribers' connections open.
+    clients: Vec<Client>,
+    states: Vec<Arc<Delivery>>,
+    readers: JoinSet<Received>,
+    stop: CancellationToken,
+    bar: ProgressBar,
+}
+
+/// The acknowledged writes of a run.
+struct Writes {
+    /// Revisions of the acknowledged writes, per prefix, ascending.
+    expected: Vec<Vec<u64>>,
+    errors: HashMap<Code, u64>,
+    /// Writes that fell due but were never sent, every writer being busy.
+    behind_schedule: u64,
+    started: Instant,
+    seconds: f64,
+}
+
+impl Writes {
+    fn count(&self) -> u64 {
+        self.expected.iter().map(|r| r.len() as u64).sum()
+    }
+}
+
+/// What the subscribers of a run received, checked against the acknowledged writes.
+struct Deliveries {
+    latency: Histogram<u64>,
+    check: SequenceCheck,
+    /// Streams that ended before the run stopped them, by status.
+    ended: HashMap<Code, u64>,
+    expected: u64,
+    delivered: u64,
+}
+
+impl Audience {
+    /// Opens `subscribers` subscriptions, `per_connection` to a connection, on `prefixes`
+    /// prefixes of this run alone (so no other writes reach them and every event must match
+    /// an acknowledged write of this run), and starts reading them.
+    async fn open(
+        target: &Target,
+        subscribers: usize,
+        prefixes: u32,
+        per_connection: usize,
+    ) -> anyhow::Result<Self> {
+        let epoch = Instant::now();
+        let run = format!(
+            "bench/{}-{}/",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis()
+        );
+        let prefixes: Arc<[String]> = (0..prefixes).map(|p| format!("{run}{p}/")).collect();
+        // Contiguous blocks of subscribers share a prefix, and so mostly a connection too.
+        let prefix_of: Vec<usize> = (0..subscribers)
+            .map(|subscriber| subscriber * prefixes.len() / subscribers)
+            .collect();
+        let patterns = prefix_of.iter().map(|&p| prefixes[p].clone()).collect();
+        let (clients, opened) = subscribe_all(target, patterns, per_connection).await?;
+
+        let stop = CancellationToken::new();
+        let bar = progress_bar(None, "events");
+        let states: Vec<Arc<Delivery>> = (0..subscribers).map(|_| Arc::default()).collect();
+        let mut readers = JoinSet::new();
+        for (subscriber, stream) in opened {
+            readers.spawn(receive(
+                subscriber,
+                stream,
+                states[subscriber].clone(),
+                stop.clone(),
+                epoch,
+                bar.clone(),
+            ));
+        }
+        Ok(Self {
+            epoch,
+            prefixes,
+            prefix_of,
+            clients,
+            states,
+            readers,
+            stop,
+            bar,
+        })
+    }
+
+    /// Writes to the prefixes in turn at `rate` writes/s for `duration`, one Set in flight
+    /// per writer client.
+    async fn write(
+        &self,
+        writer_clients: Vec<Client>,
+        rate: f64,
+        duration: Duration,
+        value_size: usize,
+    ) -> anyhow::Result<Writes> {
+        let started = Instant::now();
+        let (schedule, pacer) = Schedule::open(rate, Some(started + duration), None);
+        let mut writers = JoinSet::new();
+        for (writer, client) in writer_clients.into_iter().enumerate() {
+            writers.spawn(write(
+                client,
+                writer,
+                schedule.clone(),
+                self.prefixes.clone(),
+                self.epoch,
+                value_size,
+            ));
+        }
+        let written = join_all(writers).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let behind_schedule = pacer.behind_schedule()?;
+
+        let mut expected = vec![Vec::new(); self.prefixes.len()];
+        let mut errors = HashMap::new();
+        for writer in &written {
+            for &(prefix, revision) in &writer.acked {
+                expected[prefix].push(revision);
+            }
+            for (&code, &count) in &writer.errors {
+                *errors.entry(code).or_default() += count;
+            }
+        }
+        for revisions in &mut expected {
+            revisions.sort_unstable();
+        }
+        Ok(Writes {
+            expected,
+            errors,
+            behind_schedule,
+            started,
+            seconds,
+        })
+    }
+
+    /// Waits, at most `drain`, until every subscriber has received the last acknowledged
+    /// write to its prefix or has ended.
+    async fn wait_caught_up(&self, expected: &[Vec<u64>], drain: Duration) {
+        let caught_up = || {
+            self.states.iter().enumerate().all(|(subscriber, state)| {
+                state.ended.load(Ordering::Acquire)
+                    || expected[self.prefix_of[subscriber]]
+                        .last()
+                        .is_none_or(|&last| state.last_revision.load(Ordering::Acquire) >= last)
+            })
+        };
+        let drain_until = Instant::now() + drain;
+        while !caught_up() && Instant::now() < drain_until {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Stops reading, closes every subscription and its connection, and checks what each
+    /// subscriber received against `expected`.
+    async fn finish(self, expected: &[Vec<u64>]) -> anyhow::Result<Deliveries> {
+        self.stop.cancel();
+        let received = join_all(self.readers).await?;
+        drop(self.clients);
+        self.bar.finish_and_clear();
+
+        let mut deliveries = Deliveries {
+            latency: new_histogram(),
+            check: SequenceCheck::default(),
+            ended: HashMap::new(),
+            expected: 0,
+            delivered: 0,
+        };
+        for subscriber in &received {
+            for &nanos in &subscriber.latencies {
+                record(&mut deliveries.latency, nanos);
+            }
+            let expected = &expected[self.prefix_of[subscriber.index]];
+            deliveries.expected += expected.len() as u64;
+            deliveries.delivered += subscriber.revisions.len() as u64;
+            deliveries
+                .check
+                .add(check_sequence(&subscriber.revisions, expected));
+            if let Some(code) = subscriber.ended {
+                *deliveries.ended.entry(code).or_default() += 1;
+            }
+        }
+        Ok(deliveries)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// subscribers
+
+async fn subscribers(args: SubscribersArgs) -> anyhow::Result<SubscribersReport> {
+    let pid = args.target.server_pid;
+    let rss = || pid.map(process_rss).transpose();
+    let baseline = rss()?;
+    let opening = Instant::now();
+    let audience = Audience::open(
+        &args.target,
+        args.subscribers as usize,
+        args.prefixes,
+        args.streams_per_connection as usize,
+    )
+    .await?;
+    let open_seconds = opening.elapsed().as_secs_f64();
+    let open = rss()?;
+    let ((), idle_peak) = with_peak_rss(pid, tokio::time::sleep(args.hold)).await?;
+
+    let (writes, write_peak) = match args.rate {
+        Some(rate) => {
+            let writer_clients = connect(&args.target, args.writers).await?;
+            let (writes, peak) = with_peak_rss(pid, async {
+                let writes = audience
+                    .write(writer_clients, rate, args.duration, args.value_size)
+                    .await?;
+                audience.wait_caught_up(&writes.expected, args.drain).await;
+                anyhow::Ok(writes)
+            })
+            .await?;
+            (Some(writes?), peak)
+        }
+        None => (None, None),
+    };
+    let subscriber_connections = audience.clients.len();
+    let no_writes = vec![Vec::new(); args.prefixes as usize];
+    let expected = writes.as_ref().map_or(&no_writes, |w| &w.expected);
+    let deliveries = audience.finish(expected).await?;
+    tokio::time::sleep(args.settle).await;
+    let after = rss()?;
+
+    let memory = match (baseline, open, after) {
+        (Some(baseline), Some(open), Some(after)) => {
+            let peak = [idle_peak, write_peak, Some(open)]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(open);
+            let per_subscriber =
+                |bytes: u64| bytes.saturating_sub(baseline) as f64 / f64::from(args.subscribers);
+            Some(MemoryReport {
+                baseline_bytes: baseline,
+                open_bytes: open,
+                peak_bytes: peak,
+                after_bytes: after,
+                idle_bytes_per_subscriber: per_subscriber(open),
+                peak_bytes_per_subscriber: per_subscriber(peak),
+                retained_bytes: after as i64 - baseline as i64,
+            })
+        }
+        _ => None,
+    };
+    let (count, write_seconds, write_errors) =
+        writes.as_ref().map_or((0, 0.0, HashMap::new()), |w| {
+            (w.count(), w.seconds, w.errors.clone())
+        });
+    Ok(SubscribersReport {
+        mode: "subscribers",
+        server: args.target.server.uri().to_string(),
+        subscribers: args.subscribers,
+        prefixes: args.prefixes,
+        subscriber_connections,
+        open_seconds,
+        memory,
+        writes: count,
+        writes_per_s: if write_seconds > 0.0 {
+            count as f64 / write_seconds
+        } else {
+            0.0
+        },
+        write_errors: by_name(&write_errors),
+        events_expected: deliveries.expected,
+        events_delivered: deliveries.delivered,
+        missing: deliveries.check.missing,
+        reordered: deliveries.check.reordered,
+        streams_ended: by_name(&deliveries.ended),
+        delivery_latency_us: Latency::of(&deliveries.latency),
+    })
+}
+
+/// The server's resident memory, in bytes, from `/proc/PID/status`.
+fn process_rss(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status_rss(&status).with_context(|| format!("no VmRSS line in {path}"))
+}
+
+/// The `VmRSS:   1234 kB` line of `/proc/PID/status`, in bytes.
+fn status_rss(status: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs `work`, reading the server's memory every [`RSS_SAMPLE_EVERY`] meanwhile: its output
+/// and the highest reading (none without a PID).
+async fn with_peak_rss<T>(
+    pid: Option<u32>,
+    work: impl Future<Output = T>,
+) -> anyhow::Result<(T, Option<u64>)> {
+    let Some(pid) = pid else {
+        return Ok((work.await, None));
+    };
+    tokio::pin!(work);
+    let mut peak = process_rss(pid)?;
+    let mut every = tokio::time::interval(RSS_SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            output = &mut work => return Ok((output, Some(peak.max(process_rss(pid)?)))),
+            _ = every.tick() => peak = peak.max(process_rss(pid)?),
+        }
+    }
 }
 
 /// Opens one subscription per key pattern, `per_connection` to each connection it opens, and
@@ -898,6 +1312,276 @@ fn check_sequence(seen: &[u64], expected: &[u64]) -> SequenceCheck {
 
 fn nanos_since(epoch: Instant) -> u64 {
     nanos(epoch.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------------
+// hostile
+
+async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
+    let workload = Arc::new(Workload::new(&args.mix)?);
+    let clients = connect(&args.target, args.load.connections).await?;
+    if args.preload {
+        preload(&clients, workload.keys, &workload.value, PRELOAD_BATCH, 2).await?;
+    }
+    let server_addr = resolve(&args.target.server).await?;
+    let mut rounds = Vec::new();
+    for pair in 0..args.repeat {
+        for &kind in &args.hostile {
+            // Without first in even pairs, with first in odd ones.
+            let order = if pair % 2 == 0 {
+                [None, Some(kind)]
+            } else {
+                [Some(kind), None]
+            };
+            for hostile in order {
+                let label = hostile.map_or("without", |_| "with");
+                eprintln!("pair {pair}, {kind:?}: {label}");
+                let active = match hostile {
+                    Some(kind) => Some(Hostiles::start(&args, kind, server_addr).await?),
+                    None => None,
+                };
+                let run = run_unary(&clients, &workload, &args.load, args.rate).await?;
+                let outcome = match active {
+                    Some(active) => Some(active.stop().await?),
+                    None => None,
+                };
+                rounds.push(RoundReport {
+                    pair,
+                    kind,
+                    hostile: hostile.is_some(),
+                    calls_per_s: run.tally.calls as f64 / run.seconds,
+                    errors: by_name(&run.tally.errors),
+                    latency_us: Latency::of(&run.tally.latency),
+                    behind_schedule: run.behind_schedule,
+                    outcome,
+                });
+            }
+        }
+    }
+    let summary = args
+        .hostile
+        .iter()
+        .map(|&kind| KindSummary::of(kind, &rounds))
+        .collect();
+    Ok(HostileReport {
+        mode: "hostile",
+        server: args.target.server.uri().to_string(),
+        connections: args.load.connections,
+        concurrency: args.load.concurrency,
+        rate: args.rate,
+        workload: WorkloadReport::from(&args.mix),
+        round_seconds: args.load.duration.as_secs_f64(),
+        summary,
+        rounds,
+    })
+}
+
+/// The server's address, for the silent connections, which are plain TCP.
+async fn resolve(endpoint: &Endpoint) -> anyhow::Result<SocketAddr> {
+    let authority = endpoint
+        .uri()
+        .authority()
+        .context("the server address has no host:port")?
+        .as_str()
+        .to_owned();
+    tokio::net::lookup_host(&authority)
+        .await
+        .with_context(|| format!("resolving {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} resolves to no address"))
+}
+
+/// Hostile clients running during one round.
+struct Hostiles {
+    stop: CancellationToken,
+    /// Never-reading subscriptions, and the clients that keep their connections open.
+    never_reading: Vec<Streaming<ChangeEvent>>,
+    _never_reading_clients: Vec<Client>,
+    silent: JoinSet<SilentTally>,
+    flood: JoinSet<Tally>,
+    started: Instant,
+}
+
+/// What one silent connection slot saw: connections the server closed, and after how long.
+struct SilentTally {
+    closed_after: Histogram<u64>,
+    connect_errors: u64,
+}
+
+impl Hostiles {
+    /// Starts the hostile clients of `kind`; returns once they are in place: subscribed,
+    /// connected, flooding.
+    async fn start(args: &HostileArgs, kind: Hostile, server: SocketAddr) -> anyhow::Result<Self> {
+        let stop = CancellationToken::new();
+        let token = args.target.token.clone().unwrap_or_default();
+        let endpoint = args
+            .target
+            .server
+            .clone()
+            .local_address(Some(args.hostile_source));
+
+        let mut never_reading = Vec::new();
+        let mut never_reading_clients = Vec::new();
+        if kind.includes(Hostile::NeverReading) {
+            let count = args.never_reading as usize;
+            for _ in 0..count.div_ceil(NEVER_READING_PER_CONNECTION) {
+                let channel = endpoint
+                    .clone()
+                    .initial_stream_window_size(args.never_reading_window)
+                    .connect()
+                    .await
+                    .context("connecting a never-reading subscriber")?;
+                never_reading_clients.push(KeyValueStoreClient::with_interceptor(
+                    channel,
+                    token.clone(),
+                ));
+            }
+            for i in 0..count {
+                let mut client = never_reading_clients[i / NEVER_READING_PER_CONNECTION].clone();
+                let stream = client
+                    .subscribe(SubscribeRequest::default())
+                    .await
+                    .context("subscribing a never-reading subscriber")?
+                    .into_inner();
+                never_reading.push(stream);
+            }
+        }
+
+        let mut silent = JoinSet::new();
+        if kind.includes(Hostile::Silent) {
+            for _ in 0..args.silent {
+                silent.spawn(silent_connection(server, args.hostile_source, stop.clone()));
+            }
+        }
+
+        let mut flood = JoinSet::new();
+        if kind.includes(Hostile::Flood) {
+            for _ in 0..args.flood_connections {
+                let channel = endpoint.connect().await.context("connecting a flooder")?;
+                let client = KeyValueStoreClient::with_interceptor(channel, token.clone());
+                for _ in 0..args.flood_concurrency {
+                    flood.spawn(flood_worker(client.clone(), stop.clone()));
+                }
+            }
+        }
+        Ok(Self {
+            stop,
+            never_reading,
+            _never_reading_clients: never_reading_clients,
+            silent,
+            flood,
+            started: Instant::now(),
+        })
+    }
+
+    /// Stops them, reads the never-reading subscriptions to their end, and says how the
+    /// server treated each.
+    async fn stop(self) -> anyhow::Result<HostileOutcome> {
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.stop.cancel();
+        let flood = Tally::merge_all(join_all(self.flood).await?);
+        let mut closed_after = new_histogram();
+        let mut connect_errors = 0;
+        for slot in join_all(self.silent).await? {
+            closed_after
+                .add(&slot.closed_after)
+                .expect("auto-resizing histograms accept any value");
+            connect_errors += slot.connect_errors;
+        }
+        let mut reading = JoinSet::new();
+        for stream in self.never_reading {
+            reading.spawn(read_to_end(stream));
+        }
+        let mut never_reading_ended: BTreeMap<String, u64> = BTreeMap::new();
+        for ended in join_all(reading).await? {
+            let name = ended.map_or_else(|| "still open".into(), |code| format!("{code:?}"));
+            *never_reading_ended.entry(name).or_default() += 1;
+        }
+        Ok(HostileOutcome {
+            never_reading_ended,
+            silent_closed: closed_after.len(),
+            silent_closed_after_ms: (!closed_after.is_empty())
+                .then(|| Latency::of(&closed_after).scaled(1e-3)),
+            silent_connect_errors: connect_errors,
+            flood_ok_per_s: flood.calls as f64 / seconds,
+            flood_errors: by_name(&flood.errors),
+        })
+    }
+}
+
+/// Reads a never-reading subscription as a client that finally reads would: how it ended,
+/// or `None` if it was still open after [`NEVER_READING_DRAIN`].
+async fn read_to_end(mut stream: Streaming<ChangeEvent>) -> Option<Code> {
+    let read = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Code::Ok,
+                Err(status) => return status.code(),
+            }
+        }
+    };
+    tokio::time::timeout(NEVER_READING_DRAIN, read).await.ok()
+}
+
+/// Holds one connection that sends nothing, from `source`, until `stop`; each time the server
+/// closes it, records after how long and opens another.
+async fn silent_connection(
+    server: SocketAddr,
+    source: IpAddr,
+    stop: CancellationToken,
+) -> SilentTally {
+    let mut tally = SilentTally {
+        closed_after: new_histogram(),
+        connect_errors: 0,
+    };
+    while !stop.is_cancelled() {
+        let opened = Instant::now();
+        let socket = match server {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        };
+        let connected = match socket.and_then(|s| s.bind(SocketAddr::new(source, 0)).map(|()| s)) {
+            Ok(socket) => socket.connect(server).await,
+            Err(err) => Err(err),
+        };
+        let mut stream = match connected {
+            Ok(stream) => stream,
+            Err(_) => {
+                tally.connect_errors += 1;
+                // Past the server's connection limit, or out of ports: do not spin.
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let mut buffer = [0u8; 64];
+        let closed = tokio::select! {
+            () = stop.cancelled() => false,
+            // Anything read, or an end, or an error: the server is done with it.
+            _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buffer) => true,
+        };
+        if closed {
+            record(&mut tally.closed_after, nanos(opened.elapsed()));
+        }
+    }
+    tally
+}
+
+/// Calls Get as fast as the server answers, until `stop`.
+async fn flood_worker(mut client: Client, stop: CancellationToken) -> Tally {
+    let mut tally = Tally::new();
+    while !stop.is_cancelled() {
+        let sent = Instant::now();
+        let result = client
+            .get(GetRequest {
+                key: format!("{KEY_PREFIX}flood"),
+            })
+            .await;
+        tally.record(None, sent, result.map(|_| 1));
+    }
+    tally
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1370,6 +2054,19 @@ impl Latency {
         }
     }
 
+    /// The same percentiles in another unit: `factor` times each.
+    fn scaled(self, factor: f64) -> Self {
+        Self {
+            count: self.count,
+            mean: self.mean * factor,
+            p50: self.p50 * factor,
+            p90: self.p90 * factor,
+            p99: self.p99 * factor,
+            p999: self.p999 * factor,
+            max: self.max * factor,
+        }
+    }
+
     fn row(&self) -> String {
         format!(
             "p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (mean {:.1}, n={})",
@@ -1730,6 +2427,303 @@ impl Summary for LoadReport {
     }
 }
 
+/// The results of a subscribers run.
+#[derive(Debug, Serialize)]
+struct SubscribersReport {
+    mode: &'static str,
+    server: String,
+    subscribers: u32,
+    prefixes: u32,
+    subscriber_connections: usize,
+    /// From the first Subscribe call until every one had its response headers.
+    open_seconds: f64,
+    /// The server's memory, given its PID.
+    memory: Option<MemoryReport>,
+    /// Acknowledged writes.
+    writes: u64,
+    writes_per_s: f64,
+    write_errors: BTreeMap<String, u64>,
+    events_expected: u64,
+    events_delivered: u64,
+    missing: u64,
+    reordered: u64,
+    /// Subscription streams that ended before the run closed them, by status.
+    streams_ended: BTreeMap<String, u64>,
+    delivery_latency_us: Latency,
+}
+
+/// The server's resident memory (RSS) in a subscribers run, in bytes.
+#[derive(Debug, Serialize)]
+struct MemoryReport {
+    /// Before the first subscription.
+    baseline_bytes: u64,
+    /// Once every subscription was open, before any event.
+    open_bytes: u64,
+    /// The highest reading while they were held, idle and during the writes.
+    peak_bytes: u64,
+    /// After they disconnected and --settle passed.
+    after_bytes: u64,
+    idle_bytes_per_subscriber: f64,
+    peak_bytes_per_subscriber: f64,
+    /// `after_bytes - baseline_bytes`: what the allocator kept, or what leaked.
+    retained_bytes: i64,
+}
+
+/// The results of a hostile run.
+#[derive(Debug, Serialize)]
+struct HostileReport {
+    mode: &'static str,
+    server: String,
+    connections: u32,
+    concurrency: u32,
+    /// The well-behaved client's open-loop rate, if any.
+    rate: Option<f64>,
+    workload: WorkloadReport,
+    round_seconds: f64,
+    summary: Vec<KindSummary>,
+    rounds: Vec<RoundReport>,
+}
+
+/// One round of the well-behaved client, with or without one kind of hostile client.
+#[derive(Debug, Serialize)]
+struct RoundReport {
+    pair: u32,
+    kind: Hostile,
+    /// Whether the hostile clients ran in this round.
+    hostile: bool,
+    calls_per_s: f64,
+    errors: BTreeMap<String, u64>,
+    latency_us: Latency,
+    behind_schedule: Option<u64>,
+    outcome: Option<HostileOutcome>,
+}
+
+/// How the server treated the hostile clients of one round.
+#[derive(Debug, Serialize)]
+struct HostileOutcome {
+    /// How each never-reading subscription ended once read after the round: by status, or
+    /// "still open".
+    never_reading_ended: BTreeMap<String, u64>,
+    /// Silent connections the server closed.
+    silent_closed: u64,
+    /// After how long, in milliseconds.
+    silent_closed_after_ms: Option<Latency>,
+    silent_connect_errors: u64,
+    /// Flooder calls that succeeded, per second.
+    flood_ok_per_s: f64,
+    /// Flooder calls refused, by status.
+    flood_errors: BTreeMap<String, u64>,
+}
+
+/// One kind's rounds side by side: the well-behaved client's figures with the hostile clients
+/// over without, per pair of rounds.
+#[derive(Debug, Serialize)]
+struct KindSummary {
+    kind: Hostile,
+    throughput_ratios: Vec<f64>,
+    p99_ratios: Vec<f64>,
+    /// Errors of the well-behaved client in the rounds with hostile clients.
+    errors_with: BTreeMap<String, u64>,
+}
+
+impl KindSummary {
+    fn of(kind: Hostile, rounds: &[RoundReport]) -> Self {
+        let mut summary = Self {
+            kind,
+            throughput_ratios: Vec::new(),
+            p99_ratios: Vec::new(),
+            errors_with: BTreeMap::new(),
+        };
+        let of_kind: Vec<&RoundReport> = rounds.iter().filter(|r| r.kind == kind).collect();
+        for with in of_kind.iter().filter(|r| r.hostile) {
+            for (code, count) in &with.errors {
+                *summary.errors_with.entry(code.clone()).or_default() += count;
+            }
+            let Some(without) = of_kind.iter().find(|r| !r.hostile && r.pair == with.pair) else {
+                continue;
+            };
+            summary
+                .throughput_ratios
+                .push(with.calls_per_s / without.calls_per_s);
+            summary
+                .p99_ratios
+                .push(with.latency_us.p99 / without.latency_us.p99);
+        }
+        summary
+    }
+}
+
+/// `0.97–1.02`, or the one value.
+fn range_of(values: &[f64]) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    match values.len() {
+        0 => "none".into(),
+        1 => format!("{min:.2}"),
+        _ => format!("{min:.2}–{max:.2}"),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+impl Summary for SubscribersReport {
+    fn rows(&self) -> Vec<(String, String)> {
+        let mut rows = vec![
+            (
+                "mode".into(),
+                format!("{} against {}", self.mode, self.server),
+            ),
+            (
+                "subscribers".into(),
+                format!(
+                    "{} on {} prefixes, over {} connections, open in {:.2} s",
+                    self.subscribers, self.prefixes, self.subscriber_connections, self.open_seconds
+                ),
+            ),
+        ];
+        if let Some(m) = &self.memory {
+            rows.extend([
+                (
+                    "server RSS".into(),
+                    format!(
+                        "baseline {}, all open {}, peak {}, after they left {}",
+                        mib(m.baseline_bytes),
+                        mib(m.open_bytes),
+                        mib(m.peak_bytes),
+                        mib(m.after_bytes)
+                    ),
+                ),
+                (
+                    "per subscriber".into(),
+                    format!(
+                        "{:.0} bytes idle, {:.0} bytes at the peak",
+                        m.idle_bytes_per_subscriber, m.peak_bytes_per_subscriber
+                    ),
+                ),
+                (
+                    "retained".into(),
+                    format!(
+                        "{:+.1} MiB over the baseline after they left",
+                        m.retained_bytes as f64 / f64::from(1 << 20)
+                    ),
+                ),
+            ]);
+        }
+        rows.extend([
+            (
+                "writes".into(),
+                format!(
+                    "{} acked, {:.0}/s; errors: {}",
+                    self.writes,
+                    self.writes_per_s,
+                    counts_row(&self.write_errors)
+                ),
+            ),
+            (
+                "events".into(),
+                format!(
+                    "{} of {} delivered, {} missing, {} reordered",
+                    self.events_delivered, self.events_expected, self.missing, self.reordered
+                ),
+            ),
+            ("streams ended".into(), counts_row(&self.streams_ended)),
+            ("delivery (µs)".into(), self.delivery_latency_us.row()),
+        ]);
+        rows
+    }
+}
+
+impl Summary for HostileReport {
+    fn rows(&self) -> Vec<(String, String)> {
+        let w = &self.workload;
+        let pace = self.rate.map_or("closed loop".into(), |rate| {
+            format!("open loop at {rate:.0} calls/s")
+        });
+        let mut rows = vec![
+            (
+                "mode".into(),
+                format!("{} against {}", self.mode, self.server),
+            ),
+            (
+                "well-behaved".into(),
+                format!(
+                    "{} connections x {} in flight, {pace}, {:.0}% gets, {:.0} s rounds",
+                    self.connections,
+                    self.concurrency,
+                    w.get_ratio * 100.0,
+                    self.round_seconds
+                ),
+            ),
+        ];
+        for round in &self.rounds {
+            let side = if round.hostile { "with" } else { "without" };
+            rows.push((
+                format!("{:?} {side} #{}", round.kind, round.pair),
+                format!(
+                    "{:.0} calls/s, p50 {:.0} µs, p99 {:.0} µs, errors: {}",
+                    round.calls_per_s,
+                    round.latency_us.p50,
+                    round.latency_us.p99,
+                    counts_row(&round.errors)
+                ),
+            ));
+            if let Some(outcome) = &round.outcome {
+                rows.push(("  hostile".into(), outcome.row()));
+            }
+        }
+        for kind in &self.summary {
+            rows.push((
+                format!("{:?}", kind.kind),
+                format!(
+                    "with/without: throughput {}, p99 latency {}; errors with: {}",
+                    range_of(&kind.throughput_ratios),
+                    range_of(&kind.p99_ratios),
+                    counts_row(&kind.errors_with)
+                ),
+            ));
+        }
+        rows
+    }
+}
+
+impl HostileOutcome {
+    fn row(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.never_reading_ended.is_empty() {
+            parts.push(format!(
+                "never-reading ended: {}",
+                counts_row(&self.never_reading_ended)
+            ));
+        }
+        if let Some(after) = &self.silent_closed_after_ms {
+            parts.push(format!(
+                "silent closed: {} after {:.0}–{:.0} ms",
+                self.silent_closed, after.p50, after.max
+            ));
+        }
+        if self.silent_connect_errors > 0 {
+            parts.push(format!(
+                "silent connects failed: {}",
+                self.silent_connect_errors
+            ));
+        }
+        if self.flood_ok_per_s > 0.0 || !self.flood_errors.is_empty() {
+            parts.push(format!(
+                "flood: {:.0} ok/s, refused: {}",
+                self.flood_ok_per_s,
+                counts_row(&self.flood_errors)
+            ));
+        }
+        if parts.is_empty() {
+            "nothing happened to them".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
 fn print(report: &impl Summary, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(report)?);
@@ -1752,7 +2746,7 @@ fn print(report: &impl Summary, json: bool) -> anyhow::Result<()> {
 
 /// Opens `count` connections: each `connect` of the endpoint is its own HTTP/2 connection.
 async fn connect(target: &Target, count: u32) -> anyhow::Result<Vec<Client>> {
-    let endpoint = &target.server;
+    let endpoint = target.server.clone().local_address(target.source);
     let token = target.token.clone().unwrap_or_default();
     let mut clients = Vec::new();
     for _ in 0..count {
@@ -1873,6 +2867,13 @@ mod tests {
                     5 0 123 456 789";
         assert_eq!(stat_cpu_ticks(stat), Some(281));
         assert_eq!(stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn rss_is_read_from_the_vmrss_line_in_bytes() {
+        let status = "Name:\tkvstore-server\nVmPeak:\t  999 kB\nVmRSS:\t   31192 kB\nThreads:\t3\n";
+        assert_eq!(status_rss(status), Some(31192 * 1024));
+        assert_eq!(status_rss("Name:\tx\n"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod faults;
 mod health;
 mod helpers;
 mod kv;
+mod load;
 mod metrics;
 mod proxy;
 mod rate_limit;
