@@ -63,11 +63,13 @@ impl Record {
             version_and_key_len: meta.version.min(VERSION_MAX) | u64::from(key_len) << VERSION_BITS,
             deadline: meta.deadline,
         };
-        let bytes = ExactLen {
-            inner: key.bytes().chain(value.bytes()),
-            left: key.len() + value.len(),
-        };
-        Self(ThinArc::from_header_and_iter(header, bytes))
+        // Copying through a scratch buffer is two memcpys; the single-allocation constructor
+        // fed by an iterator copies byte by byte, which cost a set about 2% of its
+        // instructions (callgrind).
+        let mut bytes = Vec::with_capacity(key.len() + value.len());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(value.as_bytes());
+        Self(ThinArc::from_header_and_slice(header, &bytes))
     }
 
     /// The key.
@@ -187,29 +189,6 @@ impl fmt::Display for Value {
         f.write_str(self)
     }
 }
-
-/// An iterator that knows its length, which the single-allocation constructor needs;
-/// `Chain` cannot promise one.
-struct ExactLen<I> {
-    inner: I,
-    left: usize,
-}
-
-impl<I: Iterator<Item = u8>> Iterator for ExactLen<I> {
-    type Item = u8;
-
-    fn next(&mut self) -> Option<u8> {
-        let byte = self.inner.next()?;
-        self.left -= 1;
-        Some(byte)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.left, Some(self.left))
-    }
-}
-
-impl<I: Iterator<Item = u8>> ExactSizeIterator for ExactLen<I> {}
 
 #[cfg(test)]
 mod tests {
