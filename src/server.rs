@@ -252,7 +252,10 @@ fn main_router(
         )
         .on_eos(DefaultOnEos::new().level(Level::DEBUG))
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
-    let grpc = kv.merge(support).layer(grpc_trace);
+    let grpc = kv
+        .merge(support)
+        .layer(grpc_trace)
+        .layer(axum::middleware::from_fn(http::name_unknown_method));
     let app = http_router(draining, settings, &layers.exporter)
         .merge(grpc)
         .fallback(http::fallback);
