@@ -470,7 +470,7 @@ async fn malformed_grpc_messages_get_precise_statuses_on_a_connection_that_stays
             headers: &[],
             body: message(&bad_utf8),
             code: Code::Internal,
-            says: "not UTF-8",
+            says: "GetRequest.key: invalid string value: data is not UTF-8 encoded",
         },
         Case {
             what: "invalid UTF-8 in a string field of a stream's request",
@@ -478,7 +478,7 @@ async fn malformed_grpc_messages_get_precise_statuses_on_a_connection_that_stays
             headers: &[],
             body: message(&bad_utf8),
             code: Code::Internal,
-            says: "not UTF-8",
+            says: "SubscribeRequest.key_pattern: invalid string value",
         },
     ];
     for Case {
