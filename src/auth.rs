@@ -76,7 +76,7 @@ impl Keyring {
         Ok(keyring)
     }
 
-    /// One `ROLE SHA256 [NAME]` a line; `#` starts a comment.
+    /// Reads the token file at `path`.
     fn load_file(&mut self, path: &Path) -> Result<(), KeyringError> {
         let fail = |problem: String| KeyringError {
             key: "auth.token_file",
@@ -84,6 +84,17 @@ impl Keyring {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|err| fail(format!("cannot read {}: {err}", path.display())))?;
+        self.add_file_text(path, &text)
+    }
+
+    /// Adds the tokens of a token file's `text`, one `ROLE SHA256 [NAME]` a line, `#`
+    /// starting a comment; `path` names the file in errors. An error names the line but
+    /// never quotes its fields.
+    pub fn add_file_text(&mut self, path: &Path, text: &str) -> Result<(), KeyringError> {
+        let fail = |problem: String| KeyringError {
+            key: "auth.token_file",
+            problem,
+        };
         for (n, line) in text.lines().enumerate() {
             let at = |problem: &str| fail(format!("{}:{}: {problem}", path.display(), n + 1));
             let content = line.split('#').next().unwrap_or_default();

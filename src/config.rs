@@ -402,12 +402,24 @@ pub fn load(flags: &Flags) -> Result<Loaded, ConfigError> {
     figment = merge_legacy_ports(figment)?;
     figment = figment.merge(flag_layer(flags));
 
-    let settings: Settings = figment.extract()?;
-    validate(&settings, &figment)?;
     Ok(Loaded {
-        settings,
+        settings: extract(&figment)?,
         ignored_env: ignored_env(&keys),
     })
+}
+
+/// The settings a config file with this text gives over the defaults, extracted and checked
+/// as [`load`] does, with no environment or flags: what `--config` would give in an empty
+/// environment. The files it names (TLS, token file) are read, relative to the working
+/// directory.
+pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+    extract(&Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(text)))
+}
+
+fn extract(figment: &Figment) -> Result<Settings, ConfigError> {
+    let settings: Settings = figment.extract()?;
+    validate(&settings, figment)?;
+    Ok(settings)
 }
 
 /// `GRPC_PORT` and `HTTP_PORT`, from the original service: each replaces only the port of
@@ -765,6 +777,24 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/kvstore.toml");
         let documented: Settings = Figment::from(Toml::file_exact(path)).extract().unwrap();
         assert_eq!(documented, Settings::default());
+        // And it passes the checks, as any file kvstore-server accepts.
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(from_toml(&text).unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn config_text_is_checked_like_a_config_file() {
+        let printed = Settings::default().to_toml();
+        assert_eq!(from_toml(&printed).unwrap(), Settings::default());
+        let message = from_toml("[subscriptions]\nbuffer = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("configuration error: subscriptions.buffer must be at least 1"),
+            "{message}"
+        );
+        let message = from_toml("[server\n").unwrap_err().to_string();
+        assert!(!message.contains('\n'), "{message}");
     }
 
     #[test]

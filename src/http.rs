@@ -1,9 +1,10 @@
 //! The HTTP routes, served on the main listener beside gRPC and alone on the legacy health
 //! listener: `/health/live`, `/health/ready`, and a fallback that answers 404 in JSON, or
-//! `UNIMPLEMENTED` to a gRPC call for an unknown service; and the body limit of these routes.
+//! `UNIMPLEMENTED` to a gRPC call for an unknown service (and the message of an unknown
+//! method of a known one); and the body limit of these routes.
 
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -42,12 +43,42 @@ pub async fn fallback(request: Request) -> Response {
         .is_some_and(|v| v.starts_with("application/grpc"));
     let path = request.uri().path();
     if is_grpc {
-        let status = tonic::Status::unimplemented(format!("unknown service or method {path}"));
-        return status.into_http::<axum::body::Body>().into_response();
+        return unknown_method(path)
+            .into_http::<axum::body::Body>()
+            .into_response();
     }
     let body = json!({ "error": format!("no route for {} {path}", request.method()) });
     (StatusCode::NOT_FOUND, Json(body)).into_response()
 }
+
+fn unknown_method(path: &str) -> tonic::Status {
+    tonic::Status::unimplemented(format!("unknown service or method {path}"))
+}
+
+/// The middleware function, for `axum::middleware::from_fn(name_unknown_method)` on the
+/// gRPC routes. A generated service answers a method it does not have with a bare
+/// `UNIMPLEMENTED`, no message; this gives it the fallback's message naming the path.
+pub async fn name_unknown_method(request: Request, next: Next) -> Response {
+    // A shared-bytes clone: the path is needed only after the request is handed on.
+    let uri = request.uri().clone();
+    let mut response = next.run(request).await;
+    name_unimplemented(response.headers_mut(), uri.path());
+    response
+}
+
+/// Gives a bare `UNIMPLEMENTED` in `headers` the message naming `path`, as the fallback's.
+pub fn name_unimplemented(headers: &mut HeaderMap, path: &str) {
+    let unimplemented = headers
+        .get(&GRPC_STATUS)
+        .is_some_and(|code| code.as_bytes() == b"12");
+    if unimplemented && !headers.contains_key(&GRPC_MESSAGE) {
+        // Only fails for a message that cannot be encoded, which a path is not.
+        let _ = unknown_method(path).add_header(headers);
+    }
+}
+
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The middleware function, for `axum::middleware::from_fn_with_state(max, limit_body)` on
 /// the HTTP routes: a body declared longer than `limits.max_http_body_bytes` gets 413 at

@@ -16,12 +16,14 @@
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
 //! - [`endpoint`]: the server address the command-line tools accept.
+//! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
 pub mod auth;
 pub mod config;
 pub mod endpoint;
 pub mod grpc;
 pub mod http;
+pub mod legacy_args;
 pub mod metrics;
 pub mod middleware;
 pub mod pubsub;

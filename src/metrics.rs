@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper::body::{Bytes, Frame, SizeHint};
@@ -397,15 +397,19 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let rpc = Rpc::from_path(request.uri().path());
         let call = Call {
             metrics: self.metrics.clone(),
-            rpc: Rpc::from_path(request.uri().path()),
+            rpc,
             started: Instant::now(),
             code: CANCELLED,
         };
+        // Kept only for a method the service does not have, to name it in the answer.
+        let unknown = (rpc == Rpc::Unknown).then(|| request.uri().clone());
         RpcFuture {
             inner: self.inner.call(request),
             call: Some(call),
+            unknown,
         }
     }
 }
@@ -416,6 +420,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         call: Option<Call>,
+        unknown: Option<Uri>,
     }
 }
 
@@ -429,7 +434,10 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let call = this.call.take();
-        Poll::Ready(result.map(|response| {
+        Poll::Ready(result.map(|mut response| {
+            if let Some(uri) = this.unknown.take() {
+                crate::http::name_unimplemented(response.headers_mut(), uri.path());
+            }
             // A status in the headers (a trailers-only response) or an HTTP error ends the
             // call now: its body carries nothing more.
             let call = match (call, status_in_headers(&response)) {

@@ -218,19 +218,24 @@ fn client_timeout(request: &Request) -> Option<Duration> {
     parse_grpc_timeout(value)
 }
 
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
+/// A `grpc-timeout` header's value: 1 to 8 ASCII digits and a unit (`H`, `M`, `S`, `m`, `u`,
+/// `n`), per gRPC over HTTP/2; `None` for anything else.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    // Bytes, not chars: the unit is one ASCII byte, and `u64::from_str` would take a `+`.
+    let (unit, digits) = value.as_bytes().split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let amount: u64 = digits.parse().ok()?;
+    let amount = digits
+        .iter()
+        .fold(0, |n, digit| n * 10 + u64::from(digit - b'0'));
     Some(match unit {
-        "H" => Duration::from_secs(amount.checked_mul(3600)?),
-        "M" => Duration::from_secs(amount.checked_mul(60)?),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
         _ => return None,
     })
 }
@@ -356,7 +361,17 @@ mod tests {
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
         assert_eq!(parse_grpc_timeout("10n"), Some(Duration::from_nanos(10)));
-        for bad in ["", "S", "5", "5s", "-5S", "1234567890S", "5 S"] {
+        for bad in [
+            "",
+            "S",
+            "5",
+            "5s",
+            "-5S",
+            "+5S",
+            "123456789S",
+            "5 S",
+            "1\u{63d}",
+        ] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }

@@ -238,7 +238,7 @@ enum Output {
     Json,
 }
 
-/// The original Go client's flags, once `legacy_args` has rewritten them for clap.
+/// The original Go client's flags, once `kvstore::legacy_args` has rewritten them for clap.
 #[derive(Debug, Parser)]
 #[command(
     name = "kvstore-client",
@@ -293,7 +293,7 @@ async fn main() -> ExitCode {
 
 /// Parses either form of the command line; clap exits with 2 on a usage error.
 fn parse_args(args: Vec<OsString>) -> (Common, Command) {
-    let Some(args) = legacy_args(&args) else {
+    let Some(args) = kvstore::legacy_args::rewrite(&args) else {
         let cli = Cli::parse_from(args);
         return (cli.common, cli.command);
     };
@@ -326,54 +326,6 @@ fn parse_args(args: Vec<OsString>) -> (Common, Command) {
         }),
     };
     (legacy.common, command)
-}
-
-/// Returns the arguments rewritten for `LegacyArgs` when they use the Go client's `-op` flag, or
-/// `None` for the subcommand form.
-///
-/// Go's flag package takes `-flag=value`, `--flag=value`, `-flag value` and `--flag value`, and
-/// every Go client flag takes a value. Each becomes `--flag=value`, so that a value starting
-/// with `-` stays a value.
-fn legacy_args(args: &[OsString]) -> Option<Vec<OsString>> {
-    let (program, rest) = args.split_first()?;
-    let is_legacy = rest.iter().take_while(|arg| *arg != "--").any(|arg| {
-        let arg = arg.to_string_lossy();
-        let name = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-'));
-        name.is_some_and(|name| name == "op" || name.starts_with("op="))
-    });
-    if !is_legacy {
-        return None;
-    }
-
-    let mut rewritten = vec![program.clone()];
-    let mut rest = rest.iter();
-    while let Some(arg) = rest.next() {
-        let flag = arg
-            .to_str()
-            .filter(|arg| arg.len() > 1 && *arg != "--")
-            .and_then(|arg| arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')));
-        let Some(flag) = flag else {
-            // Go stops at the first non-flag; clap then rejects it as unexpected.
-            rewritten.push(arg.clone());
-            rewritten.extend(rest.cloned());
-            break;
-        };
-        if flag == "h" {
-            rewritten.push("-h".into());
-        } else if flag == "tls" {
-            // Ours, not the Go client's: a switch, so it takes no value.
-            rewritten.push("--tls".into());
-        } else if flag.contains('=') || flag == "help" {
-            rewritten.push(format!("--{flag}").into());
-        } else if let Some(value) = rest.next() {
-            let mut joined = OsString::from(format!("--{flag}="));
-            joined.push(value);
-            rewritten.push(joined);
-        } else {
-            rewritten.push(format!("--{flag}").into());
-        }
-    }
-    Some(rewritten)
 }
 
 /// A humantime duration (`30s`, `1m 30s`) in whole milliseconds, the unit of the API. Zero means

@@ -21,16 +21,18 @@ use crate::helpers::PATIENCE;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_kvstore-server");
 
+/// The server binary with none of the caller's settings: every `KVSTORE_*` variable (CI's
+/// `KVSTORE_REQUIRE_TOOLS` among them) and the legacy and logging ones are removed, so a
+/// test sees exactly the environment it sets.
 pub(crate) fn server_command() -> Command {
     let mut command = Command::new(SERVER);
-    for var in [
-        "RUST_LOG",
-        "GRPC_PORT",
-        "HTTP_PORT",
-        "KVSTORE_CONFIG",
-        "KVSTORE_TOKEN",
-    ] {
+    for var in ["RUST_LOG", "GRPC_PORT", "HTTP_PORT"] {
         command.env_remove(var);
+    }
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("KVSTORE_") {
+            command.env_remove(var);
+        }
     }
     command
         .stdin(Stdio::null())

@@ -2,6 +2,7 @@
 //! gRPC client, plain HTTP/1.1 and HTTP/2, and the real binaries.
 
 mod auth;
+mod bad_input;
 mod binaries;
 mod client;
 mod connections;
