@@ -117,6 +117,10 @@ compose-logs *args:
 bench *args:
     bash benches/compare.sh {{ args }}
 
+# Instructions per unary call, kvstore-server vs the bare fixture, by callgrind: `just bench-instructions 10000`
+bench-instructions *args:
+    bash benches/instructions.sh {{ args }}
+
 # The store's criterion micro-benchmarks (contention, idle subscribers, prefix listing)
 bench-store:
     cargo bench --locked --bench store
