@@ -7,7 +7,7 @@
 //! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
-//! - [`middleware`]: the in-flight limit and the deadline of unary gRPC calls.
+//! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
