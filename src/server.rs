@@ -400,6 +400,8 @@ async fn serve(
     let name = shared.name;
     let mut connections = JoinSet::new();
     let mut refusals = Refusals::default();
+    // Refused connections being told why; bounded, so a flood costs at most this many tasks.
+    let mut refusing = JoinSet::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -408,10 +410,15 @@ async fn serve(
                 Ok((stream, peer)) => {
                     // Finished connections may not have been reaped yet; they must not count.
                     while connections.try_join_next().is_some() {}
+                    while refusing.try_join_next().is_some() {}
                     if connections.len() >= shared.max_connections {
                         refusals.record(name, peer, shared.max_connections);
                         shared.metrics.refused(Limit::MaxConnections);
-                        drop(stream);
+                        // Past the bound, or under TLS (no handshake for a refusal), the
+                        // connection is just closed.
+                        if shared.tls.is_none() && refusing.len() < MAX_REFUSING {
+                            refusing.spawn(refuse(stream, shared.max_connections));
+                        }
                     } else {
                         let connection = connection(stream, peer, shared.clone(), stop.clone());
                         connections.spawn(shared.open.track(connection));
@@ -447,6 +454,67 @@ async fn serve(
         );
         connections.shutdown().await;
     }
+}
+
+/// Refused connections told why at once, at most; more are closed without a word.
+const MAX_REFUSING: usize = 64;
+
+/// How long a refused connection has to show its protocol and take its answer.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+/// HTTP/2's connection preface, which a client sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells a connection refused for `server.max_connections` why, in its own protocol: an
+/// HTTP/2 client gets the server preface and a GOAWAY (`REFUSED_STREAM`: nothing was
+/// processed, retrying is safe) whose debug data names the limit; anything else gets an
+/// HTTP/1.1 503. Bounded by [`REFUSAL_TIME`].
+async fn refuse(mut stream: TcpStream, max_connections: usize) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let reason = format!(
+        "server.max_connections ({max_connections}) connections are open; retry with backoff"
+    );
+    let _ = tokio::time::timeout(REFUSAL_TIME, async {
+        let mut first = [0u8; H2_PREFACE.len()];
+        let mut read = 0;
+        while read < first.len() {
+            let n = stream.read(&mut first[read..]).await?;
+            if n == 0 || first[..read + n] != H2_PREFACE[..read + n] {
+                read += n;
+                break;
+            }
+            read += n;
+        }
+        let answer = if first[..read] == H2_PREFACE[..] {
+            let debug = reason.as_bytes();
+            let length = u32::try_from(8 + debug.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes();
+            // An empty SETTINGS frame, then GOAWAY: last stream 0, REFUSED_STREAM (0x7).
+            let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+            frames.extend_from_slice(&[length[1], length[2], length[3], 7, 0, 0, 0, 0, 0]);
+            frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 7]);
+            frames.extend_from_slice(debug);
+            frames
+        } else {
+            let body = serde_json::json!({ "error": reason }).to_string();
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                 retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        };
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        // Closing with unread input would reset the connection and lose the answer, so read
+        // until the client closes (within the time left).
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// How often, at most, refused connections are logged at warn: a flood of them must not

@@ -49,8 +49,35 @@ async fn raw_get(addr: SocketAddr, path: &str, extra_headers: &str) -> Option<St
     text.lines().next().map(str::to_owned)
 }
 
+/// The whole answer to an HTTP/1.1 GET of `path`, read until the server closes.
+async fn raw_response(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    String::from_utf8_lossy(&read_until_closed(&mut stream).await).into_owned()
+}
+
+/// Sends the HTTP/2 preface and returns the debug data of the GOAWAY the server answers.
+async fn refused_h2_debug_data(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let received = read_until_closed(&mut stream).await;
+    // Frames: 9-byte headers (24-bit length, type, flags, stream id), then the payload.
+    let mut rest = &received[..];
+    while rest.len() >= 9 {
+        let length = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let (kind, payload) = (rest[3], &rest[9..(9 + length).min(rest.len())]);
+        if kind == 7 && payload.len() >= 8 {
+            assert_eq!(&payload[4..8], &[0, 0, 0, 7], "REFUSED_STREAM");
+            return String::from_utf8_lossy(&payload[8..]).into_owned();
+        }
+        rest = &rest[(9 + length).min(rest.len())..];
+    }
+    panic!("no GOAWAY in {received:?}");
+}
+
 #[tokio::test]
-async fn connections_past_max_connections_are_closed_at_once_until_one_closes() {
+async fn connections_past_max_connections_are_told_why_at_once_until_one_closes() {
     let server = spawn_with(single_port(|s| s.server.max_connections = 2)).await;
     let mut kv = server.client().await;
     let mut kv2 = server.client().await;
@@ -63,11 +90,22 @@ async fn connections_past_max_connections_are_closed_at_once_until_one_closes() 
     }
 
     let started = Instant::now();
-    assert_eq!(raw_get(server.grpc_addr, "/health/live", "").await, None);
+    let refused = raw_response(server.grpc_addr, "/health/live").await;
     assert!(
         started.elapsed() < SHORT,
         "refused at once, not after a timeout: {:?}",
         started.elapsed()
+    );
+    assert!(
+        refused.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && refused.contains("retry-after: 1")
+            && refused.contains("server.max_connections (2)"),
+        "an HTTP/1.1 client is told why: {refused}"
+    );
+    let goaway = refused_h2_debug_data(server.grpc_addr).await;
+    assert!(
+        goaway.contains("server.max_connections (2)"),
+        "an HTTP/2 client gets a GOAWAY naming the limit: {goaway}"
     );
     // The open connections are unaffected.
     kv.get(pb::GetRequest { key: "a".into() }).await.unwrap();
@@ -78,7 +116,7 @@ async fn connections_past_max_connections_are_closed_at_once_until_one_closes() 
     let mut answer = None;
     for _ in 0..100 {
         answer = raw_get(server.grpc_addr, "/health/live", "").await;
-        if answer.is_some() {
+        if answer.as_deref() == Some("HTTP/1.1 200 OK") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
