@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A smaller encode buffer per call and stream; see src/codec.rs.
+        .codec_path("crate::codec::KvCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! - [`store`]: the concurrent map; every write is published to the matching subscribers.
 //! - [`record`]: one stored key in one allocation, shared by the map, the history and the streams.
 //! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
+//! - [`codec`]: the protobuf codec of the service and client, with a small encode buffer.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
 //! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes.
@@ -19,6 +20,7 @@
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod endpoint;
 pub mod grpc;

@@ -39,8 +39,8 @@ const WRITERS: usize = 4;
 const OPENING_AT_ONCE: usize = 256;
 
 /// The server memory an idle subscriber may add, as the README states it: kvstore-bench
-/// measures about 15 KiB in a release build (half of it tonic's encode buffer), and a debug
-/// build about the same; twice that leaves room for the allocator's rounding.
+/// measures about 6 KiB in a release build (13 KiB before the codec's smaller encode buffer);
+/// the bound leaves room for a debug build and the allocator's rounding.
 const MAX_BYTES_PER_SUBSCRIBER: u64 = 32 * 1024;
 /// After a second round of subscribers, RSS must be within this, plus [`RSS_SLACK_PERCENT`],
 /// of what it was after the first.
