@@ -77,7 +77,8 @@ pub fn name_unimplemented(headers: &mut HeaderMap, path: &str) {
     }
 }
 
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// The gRPC status header; a constant, so looking it up parses no header name.
+pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The middleware function, for `axum::middleware::from_fn_with_state(max, limit_body)` on

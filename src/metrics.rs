@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper::body::{Bytes, Frame, SizeHint};
@@ -31,6 +31,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 use tower::{Layer, Service};
 
+use crate::http::GRPC_STATUS;
 use crate::middleware::Guard;
 use crate::pb::key_value_store_server::SERVICE_NAME;
 use crate::store::Store;
@@ -490,9 +491,6 @@ fn log_call(rpc: Rpc, code: u8, elapsed: Duration) {
         tracing::debug!(method, code = code_name, latency_us, "call finished");
     }
 }
-
-/// The gRPC status header; a constant, so looking it up parses no header name.
-static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// A response body that ends its call when the `grpc-status` trailer goes by.
 pub struct RpcBody {

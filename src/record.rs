@@ -145,20 +145,14 @@ impl fmt::Debug for Record {
     }
 }
 
-/// A value as read or as carried by a change: a view of a record's value, or empty.
-#[derive(Clone, Default)]
-pub struct Value(Option<Record>);
+/// A value as read: a view of a record's value, sharing its allocation.
+#[derive(Clone)]
+pub struct Value(Record);
 
 impl Value {
     /// The value of `record`, sharing its allocation.
     pub fn of(record: &Record) -> Self {
-        Self(Some(record.clone()))
-    }
-}
-
-impl From<&str> for Value {
-    fn from(value: &str) -> Self {
-        Self(Some(Record::new("", value, Meta::default())))
+        Self(record.clone())
     }
 }
 
@@ -166,7 +160,7 @@ impl Deref for Value {
     type Target = str;
 
     fn deref(&self) -> &str {
-        self.0.as_ref().map_or("", Record::value)
+        self.0.value()
     }
 }
 
@@ -240,7 +234,6 @@ mod tests {
         let value = Value::of(&record);
         assert_eq!(&*value, "v");
         assert_eq!(value.to_string(), "v");
-        assert_eq!(value, Value::from("v"));
-        assert_eq!(&*Value::default(), "");
+        assert_eq!(value, Value::of(&Record::new("other", "v", meta(2))));
     }
 }
