@@ -70,7 +70,8 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Unary gRPC calls handled at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub max_in_flight: usize,
-    /// Connections open at once on each listener; more are accepted and closed at once.
+    /// Connections open at once on each listener; more are accepted, told why and closed at
+    /// once.
     pub max_connections: usize,
     /// HTTP/2 streams open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,

@@ -171,7 +171,7 @@ pub enum Limit {
     MaxValueBytes,
     /// `limits.max_batch_ops`: a Batch carried too many ops.
     MaxBatchOps,
-    /// `server.max_connections`: a connection was closed as soon as it was accepted.
+    /// `server.max_connections`: a connection was refused as soon as it was accepted.
     MaxConnections,
     /// `rate_limit.per_client`: a client was over its rate.
     RatePerClient,

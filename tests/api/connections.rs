@@ -57,25 +57,6 @@ async fn raw_response(addr: SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&read_until_closed(&mut stream).await).into_owned()
 }
 
-/// Sends the HTTP/2 preface and returns the debug data of the GOAWAY the server answers.
-async fn refused_h2_debug_data(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
-    let received = read_until_closed(&mut stream).await;
-    // Frames: 9-byte headers (24-bit length, type, flags, stream id), then the payload.
-    let mut rest = &received[..];
-    while rest.len() >= 9 {
-        let length = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-        let (kind, payload) = (rest[3], &rest[9..(9 + length).min(rest.len())]);
-        if kind == 7 && payload.len() >= 8 {
-            assert_eq!(&payload[4..8], &[0, 0, 0, 7], "REFUSED_STREAM");
-            return String::from_utf8_lossy(&payload[8..]).into_owned();
-        }
-        rest = &rest[(9 + length).min(rest.len())..];
-    }
-    panic!("no GOAWAY in {received:?}");
-}
-
 #[tokio::test]
 async fn connections_past_max_connections_are_told_why_at_once_until_one_closes() {
     let server = spawn_with(single_port(|s| s.server.max_connections = 2)).await;
@@ -102,10 +83,27 @@ async fn connections_past_max_connections_are_told_why_at_once_until_one_closes(
             && refused.contains("server.max_connections (2)"),
         "an HTTP/1.1 client is told why: {refused}"
     );
-    let goaway = refused_h2_debug_data(server.grpc_addr).await;
+    // HTTP/2: the same answer, then a GOAWAY ends the connection.
+    let mut h2 = RawH2::connect(server.grpc_addr).await;
+    let (status, body) = h2.request("/health/live", http::HeaderMap::new()).await;
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("server.max_connections (2)"), "{body}");
+    timeout(PATIENCE, h2.closed)
+        .await
+        .expect("the refused connection is closed in time")
+        .unwrap()
+        .expect("closed cleanly with GOAWAY");
+    // gRPC: UNAVAILABLE (nothing was processed, so retrying elsewhere is safe).
+    let status = server
+        .client()
+        .await
+        .get(pb::GetRequest { key: "a".into() })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(
-        goaway.contains("server.max_connections (2)"),
-        "an HTTP/2 client gets a GOAWAY naming the limit: {goaway}"
+        status.message().contains("server.max_connections (2)"),
+        "{status:?}"
     );
     // The open connections are unaffected.
     kv.get(pb::GetRequest { key: "a".into() }).await.unwrap();
@@ -180,6 +178,15 @@ impl RawH2 {
     }
 
     async fn get_with(&mut self, path: &str, headers: http::HeaderMap) -> http::StatusCode {
+        self.request(path, headers).await.0
+    }
+
+    /// GET `path` with `headers`: the status and the body.
+    async fn request(
+        &mut self,
+        path: &str,
+        headers: http::HeaderMap,
+    ) -> (http::StatusCode, String) {
         let mut request = http::Request::get(format!("http://test{path}"))
             .body(())
             .unwrap();
@@ -192,11 +199,13 @@ impl RawH2 {
             .unwrap();
         let status = response.status();
         let mut body = response.into_body();
+        let mut text = Vec::new();
         while let Some(chunk) = body.data().await {
             let chunk = chunk.unwrap();
             body.flow_control().release_capacity(chunk.len()).unwrap();
+            text.extend_from_slice(&chunk);
         }
-        status
+        (status, String::from_utf8(text).unwrap())
     }
 }
 
