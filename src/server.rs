@@ -42,7 +42,7 @@ use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::KvService;
 use crate::http;
 use crate::metrics::{self, Connections, Exporter, Limit, Metrics, RpcLayer};
-use crate::middleware::Guard;
+use crate::middleware::{Guard, HeaderLimit, HeaderLimited};
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
@@ -344,7 +344,7 @@ fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exp
 /// What every connection of one listener shares.
 struct Listener {
     name: &'static str,
-    app: Router,
+    app: HeaderLimited<Router>,
     /// Counts this listener's open connections, for metrics.
     open: Connections,
     /// Counts connections refused for `server.max_connections`.
@@ -365,22 +365,30 @@ impl Listener {
         metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
         let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
+        let ceiling = header_ceiling(settings.max_header_bytes);
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .max_buf_size(settings.max_header_bytes.max(MIN_HEADER_BYTES))
+            // A request's head must fit in the read buffer. It is never larger than the
+            // header list counted as HTTP/2 does (each field line costs 4 bytes of syntax
+            // against 32 counted), so a request within the ceiling always fits.
+            .max_buf_size(ceiling.max(MIN_HEADER_BYTES))
+            // Each field counts at least 33 bytes, so more fields than ceiling / 32 are
+            // beyond the ceiling anyway; hyper's default of 100 would refuse smaller
+            // requests with many short fields.
+            .max_headers((ceiling / 32).min(MAX_HTTP1_FIELDS))
             // Headers of a request after the first on a kept-alive connection; the first is
             // bounded by handshake_timeout, in `serve_http`.
             .header_read_timeout(idle_timeout);
         http.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(settings.max_streams_per_connection)
-            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_header_list_size(u32::try_from(ceiling).unwrap_or(u32::MAX))
             .keep_alive_interval(Some(settings.keepalive_interval).filter(|t| !t.is_zero()))
             .keep_alive_timeout(settings.keepalive_timeout);
         Arc::new(Self {
             name,
-            app,
+            app: HeaderLimit::new(settings.max_header_bytes, metrics.clone()).layer(app),
             open: metrics.connections(name),
             metrics: metrics.clone(),
             http,
@@ -390,6 +398,22 @@ impl Listener {
             idle_timeout,
         })
     }
+}
+
+/// The most header fields an HTTP/1.1 request may have, whatever `server.max_header_bytes`:
+/// past hyper's default of 100, hyper allocates a parse slot (64 bytes) for every possible
+/// field of every request, so this caps that at 64 KiB a request.
+const MAX_HTTP1_FIELDS: usize = 1024;
+
+/// What hyper and h2 hold request headers to, for `server.max_header_bytes` = `max`: twice
+/// the limit. Between the limit and this ceiling, requests reach [`HeaderLimit`], which
+/// refuses them naming the key; beyond it hyper (HTTP/1.1: 431, then close) and h2 (a 431 for
+/// that stream, or a GOAWAY for a header block too large to buffer) refuse them without a
+/// word of why, but without buffering more either. Twice: overshooting the limit by up to
+/// as much again (the usual accident: a token or a cookie that grew, headers a proxy added)
+/// is told what to change, while what one request can make the server hold only doubles.
+fn header_ceiling(max: usize) -> usize {
+    max.saturating_mul(2)
 }
 
 /// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
