@@ -327,7 +327,7 @@ fn grpc_method<'a>(path: &'a str, service: &str) -> Option<&'a str> {
 }
 
 /// Whether the request is a gRPC call, to be refused with a gRPC status.
-pub(crate) fn is_grpc(request: &Request) -> bool {
+pub(crate) fn is_grpc<B>(request: &http::Request<B>) -> bool {
     request
         .headers()
         .get(header::CONTENT_TYPE)

@@ -70,11 +70,13 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Unary gRPC calls handled at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub max_in_flight: usize,
-    /// Connections open at once on each listener; more are accepted and closed at once.
+    /// Connections open at once on each listener; more are accepted, told why and closed at
+    /// once.
     pub max_connections: usize,
     /// HTTP/2 streams open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
-    /// The most bytes of request headers: HTTP/2's header list, HTTP/1.1's read buffer.
+    /// The most bytes of a request's header list, counted as HTTP/2 counts it over both
+    /// protocols (see `middleware::header_list_size`); hyper and h2 refuse at twice this.
     pub max_header_bytes: usize,
     /// From accept until the first request's headers, including the TLS handshake;
     /// a connection that takes longer is closed.

@@ -8,7 +8,8 @@
 //! - [`codec`]: the protobuf codec of the service and client, with a small encode buffer.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
-//! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes.
+//! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes;
+//!   the header limit in front of every route.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;

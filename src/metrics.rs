@@ -171,14 +171,17 @@ pub enum Limit {
     MaxValueBytes,
     /// `limits.max_batch_ops`: a Batch carried too many ops.
     MaxBatchOps,
-    /// `server.max_connections`: a connection was closed as soon as it was accepted.
+    /// `server.max_connections`: a connection was refused as soon as it was accepted.
     MaxConnections,
+    /// `server.max_header_bytes`: a request's headers were over the limit (those beyond
+    /// hyper's ceiling, twice the limit, are refused by hyper and not counted).
+    MaxHeaderBytes,
     /// `rate_limit.per_client`: a client was over its rate.
     RatePerClient,
 }
 
 impl Limit {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -186,6 +189,7 @@ impl Limit {
         Self::MaxValueBytes,
         Self::MaxBatchOps,
         Self::MaxConnections,
+        Self::MaxHeaderBytes,
         Self::RatePerClient,
     ];
 
@@ -199,6 +203,7 @@ impl Limit {
             Self::MaxValueBytes => "limits.max_value_bytes",
             Self::MaxBatchOps => "limits.max_batch_ops",
             Self::MaxConnections => "server.max_connections",
+            Self::MaxHeaderBytes => "server.max_header_bytes",
             Self::RatePerClient => "rate_limit.per_client",
         }
     }

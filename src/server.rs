@@ -3,6 +3,7 @@
 //! legacy health port, and runs until shutdown, then drains within the deadline. Owns the
 //! accept loop and every connection-level limit and timeout.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,13 +13,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
-use axum::{Extension, Router};
+use axum::http::header::{CONNECTION, RETRY_AFTER};
+use axum::http::{HeaderValue, StatusCode, Version};
+use axum::response::{IntoResponse as _, Response};
+use axum::{Extension, Json, Router};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -37,7 +42,7 @@ use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::KvService;
 use crate::http;
 use crate::metrics::{self, Connections, Exporter, Limit, Metrics, RpcLayer};
-use crate::middleware::Guard;
+use crate::middleware::{Guard, HeaderLimit, HeaderLimited};
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
@@ -339,7 +344,7 @@ fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exp
 /// What every connection of one listener shares.
 struct Listener {
     name: &'static str,
-    app: Router,
+    app: HeaderLimited<Router>,
     /// Counts this listener's open connections, for metrics.
     open: Connections,
     /// Counts connections refused for `server.max_connections`.
@@ -360,22 +365,30 @@ impl Listener {
         metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
         let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
+        let ceiling = header_ceiling(settings.max_header_bytes);
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .max_buf_size(settings.max_header_bytes.max(MIN_HEADER_BYTES))
+            // A request's head must fit in the read buffer. It is never larger than the
+            // header list counted as HTTP/2 does (each field line costs 4 bytes of syntax
+            // against 32 counted), so a request within the ceiling always fits.
+            .max_buf_size(ceiling.max(MIN_HEADER_BYTES))
+            // Each field counts at least 33 bytes, so more fields than ceiling / 32 are
+            // beyond the ceiling anyway; hyper's default of 100 would refuse smaller
+            // requests with many short fields.
+            .max_headers((ceiling / 32).min(MAX_HTTP1_FIELDS))
             // Headers of a request after the first on a kept-alive connection; the first is
             // bounded by handshake_timeout, in `serve_http`.
             .header_read_timeout(idle_timeout);
         http.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(settings.max_streams_per_connection)
-            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_header_list_size(u32::try_from(ceiling).unwrap_or(u32::MAX))
             .keep_alive_interval(Some(settings.keepalive_interval).filter(|t| !t.is_zero()))
             .keep_alive_timeout(settings.keepalive_timeout);
         Arc::new(Self {
             name,
-            app,
+            app: HeaderLimit::new(settings.max_header_bytes, metrics.clone()).layer(app),
             open: metrics.connections(name),
             metrics: metrics.clone(),
             http,
@@ -387,10 +400,27 @@ impl Listener {
     }
 }
 
+/// The most header fields an HTTP/1.1 request may have, whatever `server.max_header_bytes`:
+/// past hyper's default of 100, hyper allocates a parse slot (64 bytes) for every possible
+/// field of every request, so this caps that at 64 KiB a request.
+const MAX_HTTP1_FIELDS: usize = 1024;
+
+/// What hyper and h2 hold request headers to, for `server.max_header_bytes` = `max`: twice
+/// the limit. Between the limit and this ceiling, requests reach [`HeaderLimit`], which
+/// refuses them naming the key; beyond it hyper (HTTP/1.1: 431, then close) and h2 (a 431 for
+/// that stream, or a GOAWAY for a header block too large to buffer) refuse them without a
+/// word of why, but without buffering more either. Twice: overshooting the limit by up to
+/// as much again (the usual accident: a token or a cookie that grew, headers a proxy added)
+/// is told what to change, while what one request can make the server hold only doubles.
+fn header_ceiling(max: usize) -> usize {
+    max.saturating_mul(2)
+}
+
 /// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
 /// the rest. Each connection is its own task, TLS handshake included, so one slow peer never
-/// holds up another. Past `server.max_connections` a connection is closed as soon as it is
-/// accepted: the client learns at once, instead of waiting in the kernel's backlog.
+/// holds up another. Past `server.max_connections` a connection is refused as soon as it is
+/// accepted (see [`refuse`]): the client learns at once, instead of waiting in the kernel's
+/// backlog.
 async fn serve(
     listener: TcpListener,
     shared: Arc<Listener>,
@@ -414,10 +444,9 @@ async fn serve(
                     if connections.len() >= shared.max_connections {
                         refusals.record(name, peer, shared.max_connections);
                         shared.metrics.refused(Limit::MaxConnections);
-                        // Past the bound, or under TLS (no handshake for a refusal), the
-                        // connection is just closed.
-                        if shared.tls.is_none() && refusing.len() < MAX_REFUSING {
-                            refusing.spawn(refuse(stream, shared.max_connections));
+                        // Past the bound the connection is just closed.
+                        if refusing.len() < MAX_REFUSING {
+                            refusing.spawn(refuse(stream, peer, shared.clone()));
                         }
                     } else {
                         let connection = connection(stream, peer, shared.clone(), stop.clone());
@@ -456,65 +485,83 @@ async fn serve(
     }
 }
 
-/// Refused connections told why at once, at most; more are closed without a word.
+/// Refused connections told why at once, at most; more are closed without a word. This is
+/// also what bounds the TLS handshakes done for refusals.
 const MAX_REFUSING: usize = 64;
 
-/// How long a refused connection has to show its protocol and take its answer.
+/// How long a refused connection has to complete its TLS handshake (on a TLS listener), send
+/// its first request and take the answer.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
-/// HTTP/2's connection preface, which a client sends first.
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Tells a connection refused for `server.max_connections` why, in its own protocol: after
+/// the TLS handshake on a TLS listener, it is served (HTTP/1.1 or HTTP/2, as for any
+/// connection) with [`refusal`] as its only handler, and closed after the first answer
+/// (HTTP/2: with a GOAWAY). A real answer, rather than a GOAWAY's debug data, is what reaches
+/// the caller: tonic reports a GOAWAY as a bare "h2 protocol error". All of it is bounded by
+/// [`REFUSAL_TIME`]; a client that asks nothing in time is closed without a word.
+async fn refuse(stream: TcpStream, peer: SocketAddr, shared: Arc<Listener>) {
+    let answered = tokio::time::timeout(REFUSAL_TIME, async {
+        match &shared.tls {
+            None => answer_refusal(TokioIo::new(stream), &shared).await,
+            Some(tls) => match tls.accept(stream).await {
+                Ok(stream) => answer_refusal(TokioIo::new(stream), &shared).await,
+                Err(err) => debug!(listener = shared.name, %peer, error = %err, "TLS handshake of a refused connection failed"),
+            },
+        }
+    })
+    .await;
+    if answered.is_err() {
+        debug!(listener = shared.name, %peer, "a refused connection was not done within 1s, closing");
+    }
+}
 
-/// Tells a connection refused for `server.max_connections` why, in its own protocol: an
-/// HTTP/2 client gets the server preface and a GOAWAY (`REFUSED_STREAM`: nothing was
-/// processed, retrying is safe) whose debug data names the limit; anything else gets an
-/// HTTP/1.1 503. Bounded by [`REFUSAL_TIME`].
-async fn refuse(mut stream: TcpStream, max_connections: usize) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+/// Serves `io` with [`refusal`] until it has answered once, then closes it gracefully.
+async fn answer_refusal<IO>(io: IO, shared: &Listener)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let max_connections = shared.max_connections;
+    let answered = Arc::new(Notify::new());
+    let service = hyper::service::service_fn({
+        let answered = answered.clone();
+        move |request| {
+            answered.notify_one();
+            std::future::ready(Ok::<_, Infallible>(refusal(&request, max_connections)))
+        }
+    });
+    let connection = shared.http.serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = answered.notified() => {}
+    }
+    // One answer says it all: a client asking again would get the same.
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
+}
 
+/// The answer to every request on a connection refused for `server.max_connections`: a
+/// gRPC call gets `UNAVAILABLE` (retrying elsewhere is safe: nothing was processed), any
+/// other request a 503 with `retry-after`; both name the limit.
+fn refusal<B>(request: &::http::Request<B>, max_connections: usize) -> Response {
     let reason = format!(
         "server.max_connections ({max_connections}) connections are open; retry with backoff"
     );
-    let _ = tokio::time::timeout(REFUSAL_TIME, async {
-        let mut first = [0u8; H2_PREFACE.len()];
-        let mut read = 0;
-        while read < first.len() {
-            let n = stream.read(&mut first[read..]).await?;
-            if n == 0 || first[..read + n] != H2_PREFACE[..read + n] {
-                read += n;
-                break;
-            }
-            read += n;
-        }
-        let answer = if first[..read] == H2_PREFACE[..] {
-            let debug = reason.as_bytes();
-            let length = u32::try_from(8 + debug.len())
-                .unwrap_or(u32::MAX)
-                .to_be_bytes();
-            // An empty SETTINGS frame, then GOAWAY: last stream 0, REFUSED_STREAM (0x7).
-            let mut frames = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
-            frames.extend_from_slice(&[length[1], length[2], length[3], 7, 0, 0, 0, 0, 0]);
-            frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 7]);
-            frames.extend_from_slice(debug);
-            frames
-        } else {
-            let body = serde_json::json!({ "error": reason }).to_string();
-            format!(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-                 retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .into_bytes()
-        };
-        stream.write_all(&answer).await?;
-        stream.shutdown().await?;
-        // Closing with unread input would reset the connection and lose the answer, so read
-        // until the client closes (within the time left).
-        let mut sink = [0u8; 1024];
-        while stream.read(&mut sink).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
+    if auth::is_grpc(request) {
+        return tonic::Status::unavailable(reason)
+            .into_http::<axum::body::Body>()
+            .into_response();
+    }
+    let body = Json(serde_json::json!({ "error": reason }));
+    let mut response =
+        (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], body).into_response();
+    if request.version() < Version::HTTP_2 {
+        // HTTP/2 ends the connection with its GOAWAY; HTTP/1.1 says so in the answer.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// How often, at most, refused connections are logged at warn: a flood of them must not

@@ -19,7 +19,7 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{PATIENCE, TestServer, http_request, spawn_with, test_settings};
+use crate::helpers::{PATIENCE, TestServer, field_size, http_request, spawn_with, test_settings};
 
 /// Short enough for a test to wait out, long enough to tell apart from "at once".
 const SHORT: Duration = Duration::from_millis(300);
@@ -512,27 +512,69 @@ async fn malformed_grpc_messages_get_precise_statuses_on_a_connection_that_stays
 }
 
 #[tokio::test]
-async fn huge_metadata_is_refused_with_431_or_a_goaway_and_others_are_served() {
+async fn metadata_over_max_header_bytes_is_refused_naming_it_and_others_are_served() {
     let server = spawn_with(settings()).await;
     let good = GoodClient::start(&server).await;
     let mut h2 = RawH2::connect(server.grpc_addr).await;
     let get_a = message(&pb::GetRequest { key: "a".into() }.encode_to_vec());
     let max = Settings::default().server.max_header_bytes;
 
-    // Entries adding up to more than server.max_header_bytes (16 KiB) once decoded, but
-    // compressed into one HEADERS frame: the call is refused before gRPC sees it, and the
-    // connection goes on.
+    // Exactly the fields `RawH2::grpc` sends, and metadata that brings them to the limit:
+    // served; one byte more: RESOURCE_EXHAUSTED naming the key, and the connection goes on.
+    let rest = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "test"),
+        (":path", GET),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("x-meta", ""),
+    ];
+    let at_limit = "y".repeat(max - rest.iter().map(|(n, v)| field_size(n, v)).sum::<usize>());
+    let answer = h2.grpc(GET, &[("x-meta", &at_limit)], get_a.clone()).await;
+    assert_eq!(answer.code, Some(Code::Ok), "{answer:?}");
+    let over = format!("{at_limit}y");
+    let answer = h2.grpc(GET, &[("x-meta", &over)], get_a.clone()).await;
+    assert_eq!(answer.code, Some(Code::ResourceExhausted), "{answer:?}");
+    assert!(
+        answer.message.starts_with(&format!(
+            "request headers of {} bytes are over the limit of {max} bytes (server.max_header_bytes)",
+            max + 1
+        )),
+        "{answer:?}"
+    );
+    let answer = h2.grpc(GET, &[], get_a.clone()).await;
+    assert_eq!(answer.code, Some(Code::Ok), "{answer:?}");
+
+    // Up to twice the limit, many entries compressed into one HEADERS frame, or one value
+    // spanning CONTINUATION frames: the same.
     let entries = |count: usize, len: usize| -> Vec<(String, String)> {
         (0..count)
             .map(|i| (format!("x-meta-{i}"), "y".repeat(len)))
             .collect()
     };
-    let one_frame = entries(40, 400);
-    let one_frame: Vec<(&str, &str)> = one_frame
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    let answer = h2.grpc(GET, &one_frame, get_a.clone()).await;
+    for block in [
+        entries(40, 400),
+        vec![("x-big".to_owned(), "x".repeat(3 * max / 2))],
+    ] {
+        let fields: Vec<(&str, &str)> = block
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let answer = h2.grpc(GET, &fields, get_a.clone()).await;
+        assert_eq!(answer.code, Some(Code::ResourceExhausted), "{answer:?}");
+        assert!(
+            answer.message.contains("(server.max_header_bytes)"),
+            "{answer:?}"
+        );
+        let answer = h2.grpc(GET, &[], get_a.clone()).await;
+        assert_eq!(answer.code, Some(Code::Ok), "{answer:?}");
+    }
+
+    // Beyond twice the limit, h2 refuses the call itself, without a word of why: HTTP 431
+    // for that stream while the block is small enough to decode...
+    let beyond = "x".repeat(3 * max);
+    let answer = h2.grpc(GET, &[("x-huge", &beyond)], get_a.clone()).await;
     assert_eq!(
         answer.http,
         http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -545,11 +587,10 @@ async fn huge_metadata_is_refused_with_431_or_a_goaway_and_others_are_served() {
     let answer = h2.grpc(GET, &[], get_a.clone()).await;
     assert_eq!(answer.code, Some(Code::Ok), "{answer:?}");
 
-    // A header block over the limit that needs CONTINUATION frames: h2 will not buffer it
-    // to answer politely (its defence against CONTINUATION floods) and ends the connection:
-    // ENHANCE_YOUR_CALM for one huge value, COMPRESSION_ERROR for many entries.
-    let huge = vec![("x-huge".to_owned(), "x".repeat(4 * max))];
-    for block in [huge, entries(max / 16, 48)] {
+    // ...and a GOAWAY that ends the connection for a block needing more CONTINUATION frames
+    // than it will buffer (its defence against CONTINUATION floods).
+    let huge = vec![("x-huge".to_owned(), "x".repeat(8 * max))];
+    for block in [huge, entries(max / 4, 48)] {
         let mut request = http::Request::post(format!("http://test{GET}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers");

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::{PATIENCE, TestServer, http_get, spawn_with, test_settings};
+use crate::helpers::{PATIENCE, TestServer, field_size, spawn_with, test_settings};
 
 /// Short enough for a test to wait out, long enough to tell apart from "at once".
 const SHORT: Duration = Duration::from_millis(300);
@@ -39,41 +39,20 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
 /// One HTTP/1.1 request on a fresh connection, raw: the status line, or `None` if the
 /// server closed the connection without answering.
 async fn raw_get(addr: SocketAddr, path: &str, extra_headers: &str) -> Option<String> {
+    let response = raw_response(addr, path, extra_headers).await;
+    response.lines().next().map(str::to_owned)
+}
+
+/// The whole answer to an HTTP/1.1 GET of `path` with the fields `host: test`,
+/// `extra_headers` (each line ending in CRLF) and `connection: close`, read until the server
+/// closes.
+async fn raw_response(addr: SocketAddr, path: &str, extra_headers: &str) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra_headers}Connection: close\r\n\r\n");
     // The server may have closed already (a refused connection); that shows in the read.
     let _ = stream.write_all(request.as_bytes()).await;
-    let received = read_until_closed(&mut stream).await;
-    let text = String::from_utf8_lossy(&received);
-    text.lines().next().map(str::to_owned)
-}
-
-/// The whole answer to an HTTP/1.1 GET of `path`, read until the server closes.
-async fn raw_response(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    let _ = stream.write_all(request.as_bytes()).await;
     String::from_utf8_lossy(&read_until_closed(&mut stream).await).into_owned()
-}
-
-/// Sends the HTTP/2 preface and returns the debug data of the GOAWAY the server answers.
-async fn refused_h2_debug_data(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
-    let received = read_until_closed(&mut stream).await;
-    // Frames: 9-byte headers (24-bit length, type, flags, stream id), then the payload.
-    let mut rest = &received[..];
-    while rest.len() >= 9 {
-        let length = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-        let (kind, payload) = (rest[3], &rest[9..(9 + length).min(rest.len())]);
-        if kind == 7 && payload.len() >= 8 {
-            assert_eq!(&payload[4..8], &[0, 0, 0, 7], "REFUSED_STREAM");
-            return String::from_utf8_lossy(&payload[8..]).into_owned();
-        }
-        rest = &rest[(9 + length).min(rest.len())..];
-    }
-    panic!("no GOAWAY in {received:?}");
 }
 
 #[tokio::test]
@@ -90,7 +69,7 @@ async fn connections_past_max_connections_are_told_why_at_once_until_one_closes(
     }
 
     let started = Instant::now();
-    let refused = raw_response(server.grpc_addr, "/health/live").await;
+    let refused = raw_response(server.grpc_addr, "/health/live", "").await;
     assert!(
         started.elapsed() < SHORT,
         "refused at once, not after a timeout: {:?}",
@@ -102,10 +81,27 @@ async fn connections_past_max_connections_are_told_why_at_once_until_one_closes(
             && refused.contains("server.max_connections (2)"),
         "an HTTP/1.1 client is told why: {refused}"
     );
-    let goaway = refused_h2_debug_data(server.grpc_addr).await;
+    // HTTP/2: the same answer, then a GOAWAY ends the connection.
+    let mut h2 = RawH2::connect(server.grpc_addr).await;
+    let (status, body) = h2.request("/health/live", http::HeaderMap::new()).await;
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("server.max_connections (2)"), "{body}");
+    timeout(PATIENCE, h2.closed)
+        .await
+        .expect("the refused connection is closed in time")
+        .unwrap()
+        .expect("closed cleanly with GOAWAY");
+    // gRPC: UNAVAILABLE (nothing was processed, so retrying elsewhere is safe).
+    let status = server
+        .client()
+        .await
+        .get(pb::GetRequest { key: "a".into() })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(
-        goaway.contains("server.max_connections (2)"),
-        "an HTTP/2 client gets a GOAWAY naming the limit: {goaway}"
+        status.message().contains("server.max_connections (2)"),
+        "{status:?}"
     );
     // The open connections are unaffected.
     kv.get(pb::GetRequest { key: "a".into() }).await.unwrap();
@@ -180,6 +176,15 @@ impl RawH2 {
     }
 
     async fn get_with(&mut self, path: &str, headers: http::HeaderMap) -> http::StatusCode {
+        self.request(path, headers).await.0
+    }
+
+    /// GET `path` with `headers`: the status and the body.
+    async fn request(
+        &mut self,
+        path: &str,
+        headers: http::HeaderMap,
+    ) -> (http::StatusCode, String) {
         let mut request = http::Request::get(format!("http://test{path}"))
             .body(())
             .unwrap();
@@ -192,11 +197,13 @@ impl RawH2 {
             .unwrap();
         let status = response.status();
         let mut body = response.into_body();
+        let mut text = Vec::new();
         while let Some(chunk) = body.data().await {
             let chunk = chunk.unwrap();
             body.flow_control().release_capacity(chunk.len()).unwrap();
+            text.extend_from_slice(&chunk);
         }
-        status
+        (status, String::from_utf8(text).unwrap())
     }
 }
 
@@ -304,42 +311,93 @@ async fn the_stream_limit_is_announced_and_a_client_queues_past_it() {
     server.shutdown().await;
 }
 
+/// `server.max_header_bytes` in the header tests: hyper's ceiling is twice this.
+const MAX_HEADER_BYTES: usize = 8192;
+
+/// The JSON error of an HTTP answer's body.
+fn json_error(body: &str) -> String {
+    let body: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+    body["error"].as_str().expect("an error message").to_owned()
+}
+
 #[tokio::test]
-async fn oversized_headers_get_431_and_the_server_keeps_serving() {
-    let server = spawn_with(single_port(|s| s.server.max_header_bytes = 8192)).await;
-    let big = "x".repeat(10_000);
-
-    // HTTP/1.1
-    assert_eq!(
-        raw_get(
-            server.grpc_addr,
-            "/health/live",
-            &format!("x-big: {big}\r\n")
-        )
-        .await
-        .as_deref(),
-        Some("HTTP/1.1 431 Request Header Fields Too Large")
+async fn headers_over_max_header_bytes_get_431_naming_it_and_up_to_it_are_served() {
+    let server = spawn_with(single_port(|s| {
+        s.server.max_header_bytes = MAX_HEADER_BYTES
+    }))
+    .await;
+    let over_by_one = format!(
+        "request headers of {} bytes are over the limit of {MAX_HEADER_BYTES} bytes (server.max_header_bytes)",
+        MAX_HEADER_BYTES + 1
     );
 
-    // HTTP/2: the stream is refused with 431; the connection goes on.
+    // HTTP/1.1: the request line counts as :method and :path, then host, x-big, connection.
+    let h1_rest = [
+        (":method", "GET"),
+        (":path", "/health/live"),
+        ("host", "test"),
+        ("x-big", ""),
+        ("connection", "close"),
+    ];
+    let pad = MAX_HEADER_BYTES - h1_rest.iter().map(|(n, v)| field_size(n, v)).sum::<usize>();
+    let at_limit = "x".repeat(pad);
+    let answer = raw_response(
+        server.grpc_addr,
+        "/health/live",
+        &format!("x-big: {at_limit}\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    let answer = raw_response(
+        server.grpc_addr,
+        "/health/live",
+        &format!("x-big: {at_limit}x\r\n"),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{answer}"
+    );
+    let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(json_error(body).starts_with(&over_by_one), "{body}");
+
+    // HTTP/2 (the h2 crate sends exactly these fields): the same, and the connection goes on.
+    let h2_rest = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "test"),
+        (":path", "/health/live"),
+        ("x-big", ""),
+    ];
+    let pad = MAX_HEADER_BYTES - h2_rest.iter().map(|(n, v)| field_size(n, v)).sum::<usize>();
+    let at_limit = "x".repeat(pad);
     let mut h2 = RawH2::connect(server.grpc_addr).await;
-    let mut headers = http::HeaderMap::new();
-    headers.insert("x-big", big.parse().unwrap());
-    assert_eq!(
-        h2.get_with("/health/live", headers).await,
-        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-    );
+    let big = |value: &str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-big", value.parse().unwrap());
+        headers
+    };
+    let (status, _) = h2.request("/health/live", big(&at_limit)).await;
+    assert_eq!(status, http::StatusCode::OK);
+    let (status, body) = h2
+        .request("/health/live", big(&format!("{at_limit}x")))
+        .await;
+    assert_eq!(status, http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert!(json_error(&body).starts_with(&over_by_one), "{body}");
     assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
 
-    // gRPC: metadata counts as headers.
+    // gRPC: metadata counts as headers; the same channel goes on.
     let mut client = server.client().await;
     let mut request = tonic::Request::new(pb::GetRequest { key: "a".into() });
-    request.metadata_mut().insert("x-big", big.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-big", "x".repeat(MAX_HEADER_BYTES).parse().unwrap());
     let status = client.get(request).await.unwrap_err();
-    // tonic's mapping of an HTTP status it has no gRPC code for.
-    assert_eq!(status.code(), tonic::Code::Unknown);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(
-        status.message().contains("431"),
+        status
+            .message()
+            .contains("over the limit of 8192 bytes (server.max_header_bytes)"),
         "the client is told why: {status:?}"
     );
     client
@@ -347,8 +405,81 @@ async fn oversized_headers_get_431_and_the_server_keeps_serving() {
         .await
         .unwrap();
 
-    let (status, _) = http_get(&format!("http://{}/health/ready", server.grpc_addr), true).await;
-    assert_eq!(status, http::StatusCode::OK);
+    let metrics = crate::metrics::scrape(&format!("http://{}", server.grpc_addr), None).await;
+    let refused = metrics.get("kvstore_limit_refusals_total{limit=\"server.max_header_bytes\"}");
+    assert_eq!(refused, 3.0, "each refusal is counted");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn headers_beyond_twice_max_header_bytes_get_hypers_bare_431() {
+    let server = spawn_with(single_port(|s| {
+        s.server.max_header_bytes = MAX_HEADER_BYTES
+    }))
+    .await;
+    let huge = "x".repeat(2 * MAX_HEADER_BYTES);
+
+    // HTTP/1.1: hyper stops reading at its buffer's end, answers 431 and closes.
+    let answer = raw_response(
+        server.grpc_addr,
+        "/health/live",
+        &format!("x-big: {huge}\r\n"),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{answer}"
+    );
+    assert!(!answer.contains("server.max_header_bytes"), "{answer}");
+
+    // HTTP/2, in one HEADERS frame (a field repeated is sent as an index into the HPACK
+    // table): h2 refuses that stream with 431, and the connection goes on.
+    let mut h2 = RawH2::connect(server.grpc_addr).await;
+    let value: http::HeaderValue = "x".repeat(1000).parse().unwrap();
+    let mut headers = http::HeaderMap::new();
+    for _ in 0..(2 * MAX_HEADER_BYTES / 1000 + 1) {
+        headers.append("x-big", value.clone());
+    }
+    let (status, body) = h2.request("/health/live", headers).await;
+    assert_eq!(status, http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert!(body.is_empty(), "{body}");
+    assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
+
+    // gRPC: tonic maps the bare 431 to UNKNOWN; the same channel goes on.
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(pb::GetRequest { key: "a".into() });
+    request
+        .metadata_mut()
+        .insert("x-big", huge.parse().unwrap());
+    let status = client.get(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+    assert!(status.message().contains("431"), "{status:?}");
+    client
+        .get(pb::GetRequest { key: "a".into() })
+        .await
+        .unwrap();
+
+    // hyper's refusals are not counted: kvstore never sees them.
+    let metrics = crate::metrics::scrape(&format!("http://{}", server.grpc_addr), None).await;
+    let refused = metrics.get("kvstore_limit_refusals_total{limit=\"server.max_header_bytes\"}");
+    assert_eq!(refused, 0.0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_short_headers_within_max_header_bytes_are_served_over_http1() {
+    let server = spawn_with(single_port(|s| {
+        s.server.max_header_bytes = MAX_HEADER_BYTES
+    }))
+    .await;
+    // More than hyper's default of 100 fields, each short: well within the limit.
+    let fields: String = (0..150).map(|i| format!("x-{i}: y\r\n")).collect();
+    assert_eq!(
+        raw_get(server.grpc_addr, "/health/live", &fields)
+            .await
+            .as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
     server.shutdown().await;
 }
 

@@ -208,6 +208,13 @@ pub async fn http_exchange(request: http::Request<Full<Bytes>>) -> (http::respon
     (parts, String::from_utf8(body.to_vec()).unwrap())
 }
 
+/// What one header field counts toward `server.max_header_bytes`: its name and value plus
+/// 32 bytes, as HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE counts it (pseudo-header fields such
+/// as `:path` included).
+pub fn field_size(name: &str, value: &str) -> usize {
+    name.len() + value.len() + 32
+}
+
 /// Whether tests that need an outside tool must fail (CI) rather than skip when it is absent.
 pub fn tools_required() -> bool {
     std::env::var("KVSTORE_REQUIRE_TOOLS").is_ok_and(|v| v == "1")

@@ -254,6 +254,7 @@ async fn after_known_traffic_every_counter_has_exactly_the_expected_value() {
         ("limits.max_key_bytes", 0.0),
         ("server.max_in_flight", 0.0),
         ("server.request_timeout", 0.0),
+        ("server.max_header_bytes", 0.0),
     ] {
         assert_eq!(m.refusals(limit), n, "{limit}");
     }

@@ -1,6 +1,6 @@
 //! TLS on the main listener, with certificates made at run time (rcgen): gRPC, HTTP/1.1 and
 //! HTTP/2 sharing one TLS port through ALPN, plaintext clients refused cleanly, mutual TLS,
-//! and `kvstore-client` over TLS.
+//! connections past `server.max_connections` told why over TLS, and `kvstore-client` over TLS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -314,6 +314,50 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_configured_c
     let (status, _) =
         crate::helpers::http_get(&format!("{}/health/ready", server.health_url()), false).await;
     assert_eq!(status, http::StatusCode::OK);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_are_told_why_over_tls() {
+    let pki = Pki::new("max-connections");
+    let mut settings = pki.settings(false);
+    settings.server.max_connections = 1;
+    let server = spawn_with(settings).await;
+    // A call proves the connection is being served, so it counts.
+    let mut held = pki.client(server.grpc_addr, None).await.unwrap();
+    set_then_get(&mut held, "tls/held").await;
+
+    // gRPC: the handshake succeeds, then the GOAWAY names the limit.
+    let call = timeout(PATIENCE, async {
+        let mut client = pki
+            .client(server.grpc_addr, None)
+            .await
+            .map_err(|err| tonic::Status::unknown(format!("connecting: {err}")))?;
+        client.get(pb::GetRequest { key: "a".into() }).await
+    })
+    .await
+    .expect("the refusal comes in time");
+    let status = call.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("server.max_connections (1)"),
+        "{status:?}"
+    );
+
+    // HTTP/1.1: a 503 naming the limit.
+    let (status, version, body) = pki
+        .https_get(server.grpc_addr, "/health/live", b"http/1.1")
+        .await;
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(version, http::Version::HTTP_11);
+    assert!(body.contains("server.max_connections (1)"), "{body}");
+
+    // The held connection is unaffected, and the refusals are counted (the health
+    // listener has its own connection count).
+    set_then_get(&mut held, "tls/held").await;
+    let metrics = crate::metrics::scrape(&server.health_url(), None).await;
+    let refused = metrics.get("kvstore_limit_refusals_total{limit=\"server.max_connections\"}");
+    assert!(refused >= 2.0, "each refusal is counted: {refused}");
     server.shutdown().await;
 }
 
