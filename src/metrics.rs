@@ -124,6 +124,11 @@ impl Rpc {
         Self::Unknown,
     ];
 
+    /// Every method of the KV service.
+    pub fn methods() -> impl Iterator<Item = Self> {
+        Self::ALL.into_iter().filter(|rpc| *rpc != Self::Unknown)
+    }
+
     /// The RPC a request path names: `/kvstore.KeyValueStore/Get` is [`Rpc::Get`].
     pub fn from_path(path: &str) -> Self {
         let method = path

@@ -423,7 +423,14 @@ async fn the_load_tools_batches_come_back_counted_as_sent() {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvstore-bench"))
         .args(["batch", "--server", &server.grpc_addr.to_string()])
         .args(["--requests", "40", "--batch-size", "100", "--keys", "1000"])
-        .args(["--connections", "2", "--concurrency", "2", "--preload", "--json"])
+        .args([
+            "--connections",
+            "2",
+            "--concurrency",
+            "2",
+            "--preload",
+            "--json",
+        ])
         .kill_on_drop(true)
         .output()
         .await
