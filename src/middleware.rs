@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,7 +21,6 @@ use axum::extract::Request;
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -37,7 +37,7 @@ static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 /// Shared by every request to the guarded routes; as a [`Layer`], it guards a service.
 #[derive(Clone)]
 pub struct Guard {
-    permits: Arc<Semaphore>,
+    in_flight: Arc<InFlight>,
     /// Every call admitted and not yet answered; closed by shutdown.
     calls: TaskTracker,
     max_in_flight: usize,
@@ -50,7 +50,10 @@ impl Guard {
     /// client's shorter `grpc-timeout`). Refusals are counted in `metrics`.
     pub fn new(max_in_flight: usize, timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max_in_flight)),
+            in_flight: Arc::new(InFlight {
+                count: AtomicUsize::new(0),
+                max: max_in_flight,
+            }),
             calls: TaskTracker::new(),
             max_in_flight,
             timeout,
@@ -60,7 +63,7 @@ impl Guard {
 
     /// Calls holding a permit now.
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.permits.available_permits()
+        self.in_flight.count.load(Ordering::Relaxed)
     }
 
     /// Refuses every later call with `UNAVAILABLE`, and returns once every call admitted
@@ -119,7 +122,7 @@ where
                 },
             };
         }
-        let Ok(permit) = guard.permits.clone().try_acquire_owned() else {
+        let Some(permit) = InFlight::enter(&guard.in_flight) else {
             guard.metrics.refused(Limit::MaxInFlight);
             let refusal = grpc_error(Status::resource_exhausted(format!(
                 "server is busy: {} requests in flight (server.max_in_flight); retry with backoff",
@@ -148,6 +151,35 @@ where
     }
 }
 
+/// The calls in flight, against `server.max_in_flight`. A call that finds no room is shed,
+/// never queued, so a counter does all a semaphore would here, and releasing a place is one
+/// atomic operation where a semaphore takes its waiters' lock.
+struct InFlight {
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl InFlight {
+    /// A place for one call, if there is room.
+    fn enter(this: &Arc<Self>) -> Option<Permit> {
+        this.count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < this.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit(this.clone()))
+    }
+}
+
+/// One call's place in [`InFlight`], given back when dropped.
+struct Permit(Arc<InFlight>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pin_project! {
     /// A guarded call: refused at once, or running against its deadline with its permit.
     pub struct Guarding<F> {
@@ -172,7 +204,7 @@ pin_project! {
             // Whether the deadline is the server's (`server.request_timeout`).
             server_deadline: bool,
             metrics: Arc<Metrics>,
-            _permit: OwnedSemaphorePermit,
+            _permit: Permit,
             _call: TaskTrackerToken,
         },
     }
