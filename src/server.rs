@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::http::header::{CONNECTION, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode, Version};
-use axum::response::{IntoResponse as _, Response};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
-use tower::{Layer as _, Service};
+use tower::{Layer as _, Service, ServiceBuilder};
 use tower_http::LatencyUnit;
 use tower_http::trace::{
     DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer,
@@ -248,14 +248,19 @@ fn main_router(
     // naming it). Not tonic's `Routes`: its route has a path parameter, which axum allocates
     // and decodes for every call, and it boxes every request body once more; together 1.7%
     // of a Get's instructions (callgrind).
+    // The layers go on the service, not on the router: each `Router::layer` boxes every
+    // route again, and a box is an allocation and a clone per call.
+    let kv = ServiceBuilder::new()
+        .layer(RpcLayer::new(metrics))
+        .layer(guard)
+        .map_response(IntoResponse::into_response)
+        .service(kv);
     let service = pb::key_value_store_server::SERVICE_NAME;
     let kv = Rpc::methods()
         .fold(Router::new(), |router, rpc| {
             router.route_service(&format!("/{service}/{}", rpc.name()), kv.clone())
         })
-        .route_service(&format!("/{service}/{{*method}}"), kv)
-        .layer(guard)
-        .layer(RpcLayer::new(metrics));
+        .route_service(&format!("/{service}/{{*method}}"), kv);
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
