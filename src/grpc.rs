@@ -184,7 +184,7 @@ impl KvService {
 fn get_response(found: Option<store::KeyValue>, revision: u64) -> GetResponse {
     match found {
         Some(kv) => GetResponse {
-            value: kv.value.to_string(),
+            value: String::from(&*kv.value),
             found: true,
             create_revision: wire(kv.create_revision),
             mod_revision: wire(kv.mod_revision),
@@ -257,8 +257,8 @@ fn conflict_status(conflict: store::Conflict) -> Status {
 impl From<store::KeyValue> for KeyValue {
     fn from(kv: store::KeyValue) -> Self {
         Self {
-            key: kv.key.to_string(),
-            value: kv.value.to_string(),
+            key: String::from(kv.key.as_str()),
+            value: String::from(&*kv.value),
             create_revision: wire(kv.create_revision),
             mod_revision: wire(kv.mod_revision),
             version: wire(kv.version),
