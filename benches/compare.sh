@@ -130,8 +130,8 @@ else
 fi
 
 echo
-echo "Batch path (kvstore-bench batch, 100 ops per call, 90% gets):"
-"$bench" batch --server "127.0.0.1:50551" --batch-size 100 --get-ratio 0.9 --connections 4 \
+echo "Batch path (kvstore-bench batch, 100 ops per call, 90% gets, every key set first):"
+"$bench" batch --server "127.0.0.1:50551" --preload --batch-size 100 --get-ratio 0.9 --connections 4 \
   --concurrency 8 --duration "$([ "${1:-}" = quick ] && echo 3s || echo 10s)" 2>/dev/null | sed 's/^/    /'
 
 echo
