@@ -8,7 +8,7 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -162,19 +162,34 @@ async fn memory_rounds(workers: usize) -> Infallible {
         collect();
         MEMORY_ROUND.fetch_add(1, Ordering::Relaxed);
         let before = COLLECTS.load(Ordering::Relaxed);
-        // tokio wakes a sleeping worker for queued tasks, but none while another is looking
-        // for work, and the one that slept least first: queue a task per worker, pause to
-        // let the woken ones park again, and repeat until each has collected. A busy worker
-        // collects once it runs out of work, so stop after a few tries.
+        // tokio wakes a sleeping worker for a queued task only while no other is looking for
+        // work, and the one that slept least first; so each task holds its worker until the
+        // next has started on another (a relay, at most 200 µs each), and the loop repeats
+        // until every worker has collected. A busy worker collects once it runs out of work,
+        // so stop after a few tries.
         for _ in 0..4 * workers {
             tokio::time::sleep(Duration::from_millis(1)).await;
             if COLLECTS.load(Ordering::Relaxed) - before >= workers {
                 break;
             }
             for _ in 0..workers {
-                tokio::spawn(async {});
+                tokio::spawn(hold_until_next_starts());
             }
         }
+    }
+}
+
+/// Wake tasks started so far.
+static WAKE_TASKS: AtomicU64 = AtomicU64::new(0);
+
+/// A wake task of [`memory_rounds`]: keeps its worker busy until another wake task has
+/// started, so that tokio wakes another sleeping worker for it, or 200 µs have passed.
+async fn hold_until_next_starts() {
+    let me = WAKE_TASKS.fetch_add(1, Ordering::Relaxed) + 1;
+    let started = Instant::now();
+    while WAKE_TASKS.load(Ordering::Relaxed) == me && started.elapsed() < Duration::from_micros(200)
+    {
+        std::thread::yield_now();
     }
 }
 
