@@ -125,6 +125,14 @@ fn hash_token() -> ExitCode {
 }
 
 fn run(settings: config::Settings) -> anyhow::Result<()> {
+    // Transparent huge pages off for this process: mimalloc asks for them on its arenas
+    // (MADV_HUGEPAGE), and khugepaged then refills what mimalloc hands back to the OS, 2 MiB
+    // at a time wherever one 4 KiB page of the range is still in use. With them, RSS went
+    // from 15 MiB, once 10,000 subscribers had left, back to 29 MiB within 80 s.
+    #[cfg(target_os = "linux")]
+    if let Err(err) = nix::sys::prctl::set_thp_disable(true) {
+        warn!(error = %err, "could not turn transparent huge pages off: memory freed after a load may return");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(return_free_memory)
