@@ -180,8 +180,8 @@ async fn memory_rounds(workers: usize) -> Infallible {
             if COLLECTS.load(Ordering::Relaxed) - before >= workers {
                 break;
             }
-            for _ in 0..workers {
-                tokio::spawn(hold_until_next_starts());
+            for task in 1..=workers {
+                tokio::spawn(wake_task(task < workers));
             }
         }
     }
@@ -190,12 +190,15 @@ async fn memory_rounds(workers: usize) -> Infallible {
 /// Wake tasks started so far.
 static WAKE_TASKS: AtomicU64 = AtomicU64::new(0);
 
-/// A wake task of [`memory_rounds`]: keeps its worker busy until another wake task has
-/// started, so that tokio wakes another sleeping worker for it, or 200 µs have passed.
-async fn hold_until_next_starts() {
+/// A wake task of [`memory_rounds`]. Unless it is the last of its batch, it keeps its worker
+/// busy until another wake task has started, so that tokio wakes another sleeping worker
+/// for it, or 200 µs have passed.
+async fn wake_task(hold: bool) {
     let me = WAKE_TASKS.fetch_add(1, Ordering::Relaxed) + 1;
     let started = Instant::now();
-    while WAKE_TASKS.load(Ordering::Relaxed) == me && started.elapsed() < Duration::from_micros(200)
+    while hold
+        && WAKE_TASKS.load(Ordering::Relaxed) == me
+        && started.elapsed() < Duration::from_micros(200)
     {
         std::thread::yield_now();
     }
