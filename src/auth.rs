@@ -21,6 +21,7 @@ use tonic::service::Interceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::{AuthSettings, Role};
+use crate::http::{grpc_error, is_grpc};
 use crate::pb;
 
 const KV_SERVICE: &str = pb::key_value_store_server::SERVICE_NAME;
@@ -326,15 +327,6 @@ fn grpc_method<'a>(path: &'a str, service: &str) -> Option<&'a str> {
         .strip_prefix('/')
 }
 
-/// Whether the request is a gRPC call, to be refused with a gRPC status.
-pub(crate) fn is_grpc<B>(request: &http::Request<B>) -> bool {
-    request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// The middleware function, for `axum::middleware::from_fn_with_state(auth, authenticate)`
 /// on the whole router. The `authorization` header is removed before anything else sees
 /// the request, so no trace, handler or error can log it.
@@ -406,9 +398,7 @@ impl Refusal {
 
     fn respond(self, grpc: bool) -> Response {
         if grpc {
-            return Status::unauthenticated(self.message())
-                .into_http::<axum::body::Body>()
-                .into_response();
+            return grpc_error(Status::unauthenticated(self.message()));
         }
         // RFC 6750: a missing token gets the bare challenge, a bad one says so.
         let challenge = match self {
@@ -428,7 +418,7 @@ impl Refusal {
 
 fn forbidden(status: Status, grpc: bool) -> Response {
     if grpc {
-        return status.into_http::<axum::body::Body>().into_response();
+        return grpc_error(status);
     }
     let body = Json(json!({ "error": status.message() }));
     (StatusCode::FORBIDDEN, body).into_response()

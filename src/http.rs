@@ -36,19 +36,26 @@ async fn ready(State(draining): State<CancellationToken>) -> Response {
 /// Answers every path no route claims. One fallback serves both protocols because tonic's
 /// would answer plain HTTP with a gRPC reply, and axum allows only one per merged router.
 pub async fn fallback(request: Request) -> Response {
-    let is_grpc = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
     let path = request.uri().path();
-    if is_grpc {
-        return unknown_method(path)
-            .into_http::<axum::body::Body>()
-            .into_response();
+    if is_grpc(&request) {
+        return grpc_error(unknown_method(path));
     }
     let body = json!({ "error": format!("no route for {} {path}", request.method()) });
     (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+/// Whether the request is a gRPC call, to be answered with a gRPC status.
+pub(crate) fn is_grpc<B>(request: &axum::http::Request<B>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// `status` as a trailers-only gRPC response.
+pub(crate) fn grpc_error(status: tonic::Status) -> Response {
+    status.into_http::<axum::body::Body>().into_response()
 }
 
 fn unknown_method(path: &str) -> tonic::Status {

@@ -28,7 +28,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 use tracing::debug;
 
-use crate::auth::is_grpc;
+use crate::http::{grpc_error, is_grpc};
 use crate::metrics::{Limit, Metrics};
 
 /// The gRPC deadline header; a constant, so looking it up parses no header name.
@@ -386,10 +386,6 @@ where
             }
         }
     }
-}
-
-fn grpc_error(status: Status) -> Response {
-    status.into_http::<axum::body::Body>().into_response()
 }
 
 /// The client's deadline from the `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).

@@ -20,8 +20,9 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tracing::{debug, info};
 
-use crate::auth::{Caller, is_grpc, is_health_check};
+use crate::auth::{Caller, is_health_check};
 use crate::config::RateLimitSettings;
+use crate::http::{grpc_error, is_grpc};
 use crate::metrics::{Limit, Metrics};
 
 /// How often buckets that have refilled are dropped. A full bucket is the same as no bucket,
@@ -158,7 +159,7 @@ fn refuse(per_client: u32, wait: Duration, grpc: bool) -> Response {
         let mut status = Status::resource_exhausted(message);
         let pushback = MetadataValue::from(u64::try_from(wait_ms).unwrap_or(u64::MAX));
         status.metadata_mut().insert(PUSHBACK_TRAILER, pushback);
-        return status.into_http::<axum::body::Body>().into_response();
+        return grpc_error(status);
     }
     let retry_after = wait_ms.div_ceil(1000).to_string();
     (

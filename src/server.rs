@@ -244,10 +244,6 @@ fn main_router(
     let guard = layers.guard.clone();
     let kv =
         KvService::new(store, settings.limits, end_streams.clone(), metrics.clone()).into_server();
-    // A route per method, and one for any other path of the service (answered UNIMPLEMENTED,
-    // naming it). Not tonic's `Routes`: its route has a path parameter, which axum allocates
-    // and decodes for every call, and it boxes every request body once more; together 1.7%
-    // of a Get's instructions (callgrind).
     // The layers go on the service, not on the router: each `Router::layer` boxes every
     // route again, and a box is an allocation and a clone per call.
     let kv = ServiceBuilder::new()
@@ -255,6 +251,10 @@ fn main_router(
         .layer(guard)
         .map_response(IntoResponse::into_response)
         .service(kv);
+    // A route per method, and one for any other path of the service (answered UNIMPLEMENTED,
+    // naming it). Not tonic's `Routes`: its route has a path parameter, which axum allocates
+    // and decodes for every call, and it boxes every request body once more; together 1.7%
+    // of a Get's instructions (callgrind).
     let service = pb::key_value_store_server::SERVICE_NAME;
     let kv = Rpc::methods()
         .fold(Router::new(), |router, rpc| {
@@ -561,10 +561,8 @@ fn refusal<B>(request: &::http::Request<B>, max_connections: usize) -> Response 
     let reason = format!(
         "server.max_connections ({max_connections}) connections are open; retry with backoff"
     );
-    if auth::is_grpc(request) {
-        return tonic::Status::unavailable(reason)
-            .into_http::<axum::body::Body>()
-            .into_response();
+    if http::is_grpc(request) {
+        return http::grpc_error(tonic::Status::unavailable(reason));
     }
     let body = Json(serde_json::json!({ "error": reason }));
     let mut response =
