@@ -2,6 +2,8 @@
 //! between protobuf and the store's types, and turns a subscription into a response stream
 //! that always ends with a status saying why.
 
+pub mod batch;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,12 +22,12 @@ use crate::metrics::{Limit, Metrics};
 use crate::pb::change_event::ChangeType;
 use crate::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
 use crate::pb::{
-    self, BatchOp, BatchRequest, BatchResponse, BatchResult, ChangeEvent, DeleteRequest,
-    DeleteResponse, GetRequest, GetResponse, KeyValue, ListRequest, ListResponse, SetRequest,
-    SetResponse, SubscribeRequest, batch_op, batch_result,
+    ChangeEvent, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, ListRequest,
+    ListResponse, SetRequest, SetResponse, SubscribeRequest,
 };
 use crate::pubsub::{Change, ChangeKind, Event, Subscription};
-use crate::store::{self, Op, OpResult, SetOptions, Start, Store, SubscribeError};
+use crate::store::{self, Op, SetOptions, Start, Store, SubscribeError};
+use batch::{BatchReply, EncodedBatch, WireOp};
 
 /// Room for protobuf framing on top of the largest key and value.
 const MESSAGE_OVERHEAD: usize = 1024;
@@ -108,17 +110,18 @@ impl KvService {
 }
 
 impl KvService {
-    fn set_args(&self, request: SetRequest) -> Result<(String, String, SetOptions), Status> {
-        let SetRequest {
-            key,
-            value,
-            expected_mod_revision,
-            ttl_ms,
-        } = request;
-        self.check_key(&key)?;
+    /// Checks a set's key and value; its guard and TTL as the store takes them.
+    fn set_options(
+        &self,
+        key: &str,
+        value: &str,
+        expected_mod_revision: Option<i64>,
+        ttl_ms: i64,
+    ) -> Result<SetOptions, Status> {
+        self.check_key(key)?;
         self.check_size(
             "value",
-            &value,
+            value,
             self.limits.max_value_bytes,
             Limit::MaxValueBytes,
         )?;
@@ -134,47 +137,48 @@ impl KvService {
                 )));
             }
         };
-        let options = SetOptions {
+        Ok(SetOptions {
             expected_mod_revision,
             ttl,
-        };
-        Ok((key, value, options))
+        })
     }
 
-    fn delete_args(&self, request: DeleteRequest) -> Result<(String, Option<u64>), Status> {
-        let DeleteRequest {
-            key,
-            expected_mod_revision,
-        } = request;
-        self.check_key(&key)?;
-        let expected = expected_mod_revision
+    /// Checks a delete's key; its guard as the store takes it.
+    fn delete_guard(
+        &self,
+        key: &str,
+        expected_mod_revision: Option<i64>,
+    ) -> Result<Option<u64>, Status> {
+        self.check_key(key)?;
+        expected_mod_revision
             .map(|r| revision_arg("expected_mod_revision", r))
-            .transpose()?;
-        Ok((key, expected))
+            .transpose()
     }
 
-    fn batch_op(&self, op: BatchOp) -> Result<Op, Status> {
-        match op.op {
-            Some(batch_op::Op::Get(GetRequest { key })) => {
-                self.check_key(&key)?;
+    fn batch_op<'a>(&self, op: WireOp<'a>) -> Result<Op<'a>, Status> {
+        match op {
+            WireOp::Get { key } => {
+                self.check_key(key)?;
                 Ok(Op::Get(key))
             }
-            Some(batch_op::Op::Set(request)) => {
-                let (key, value, options) = self.set_args(request)?;
-                Ok(Op::Set {
-                    key,
-                    value,
-                    options,
-                })
-            }
-            Some(batch_op::Op::Delete(request)) => {
-                let (key, expected_mod_revision) = self.delete_args(request)?;
-                Ok(Op::Delete {
-                    key,
-                    expected_mod_revision,
-                })
-            }
-            None => Err(Status::invalid_argument(
+            WireOp::Set {
+                key,
+                value,
+                expected_mod_revision,
+                ttl_ms,
+            } => Ok(Op::Set {
+                key,
+                value,
+                options: self.set_options(key, value, expected_mod_revision, ttl_ms)?,
+            }),
+            WireOp::Delete {
+                key,
+                expected_mod_revision,
+            } => Ok(Op::Delete {
+                key,
+                expected_mod_revision: self.delete_guard(key, expected_mod_revision)?,
+            }),
+            WireOp::Empty => Err(Status::invalid_argument(
                 "the op is empty: set get, set or delete",
             )),
         }
@@ -257,7 +261,7 @@ fn conflict_status(conflict: store::Conflict) -> Status {
 impl From<store::KeyValue> for KeyValue {
     fn from(kv: store::KeyValue) -> Self {
         Self {
-            key: String::from(kv.key.as_str()),
+            key: String::from(kv.key()),
             value: String::from(&*kv.value),
             create_revision: wire(kv.create_revision),
             mod_revision: wire(kv.mod_revision),
@@ -279,7 +283,13 @@ impl KeyValueStore for KvService {
 
     /// Stores the value; nothing is stored when the request is refused or its guard fails.
     async fn set(&self, request: Request<SetRequest>) -> Result<Response<SetResponse>, Status> {
-        let (key, value, options) = self.set_args(request.into_inner())?;
+        let SetRequest {
+            key,
+            value,
+            expected_mod_revision,
+            ttl_ms,
+        } = request.into_inner();
+        let options = self.set_options(&key, &value, expected_mod_revision, ttl_ms)?;
         let revision = self
             .store
             .set(key, value, options)
@@ -296,23 +306,28 @@ impl KeyValueStore for KvService {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let (key, expected) = self.delete_args(request.into_inner())?;
+        let DeleteRequest {
+            key,
+            expected_mod_revision,
+        } = request.into_inner();
+        let expected = self.delete_guard(&key, expected_mod_revision)?;
         let deleted = self.store.delete(&key, expected).map_err(conflict_status)?;
         Ok(Response::new(delete_response(deleted)))
     }
 
     /// Validates every op first, then applies them all under one lock.
-    async fn batch(
-        &self,
-        request: Request<BatchRequest>,
-    ) -> Result<Response<BatchResponse>, Status> {
+    async fn batch(&self, request: Request<EncodedBatch>) -> Result<Response<BatchReply>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
-        let ops = request.into_inner().ops;
+        let request = request.into_inner();
+        let mut decoded = None;
+        let ops = request.ops(&mut decoded).map_err(|error| {
+            Status::invalid_argument(format!("the request is not a BatchRequest: {error}"))
+        })?;
         if let Some(caller) = caller {
             // The edge let any token in; only now are the ops known.
             let write = ops
                 .iter()
-                .position(|op| !matches!(op.op, Some(batch_op::Op::Get(_)) | None));
+                .position(|op| !matches!(op, WireOp::Get { .. } | WireOp::Empty));
             if let Some(i) = write {
                 caller.require(Role::ReadWrite, &format!("a Batch that writes (op {i})"))?;
             }
@@ -335,33 +350,7 @@ impl KeyValueStore for KvService {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let (results, revision) = self.store.batch(ops);
-        let results = results
-            .into_iter()
-            .map(|result| BatchResult {
-                result: Some(match result {
-                    OpResult::Get(found) => {
-                        batch_result::Result::Get(get_response(found, revision))
-                    }
-                    OpResult::Set(revision) => batch_result::Result::Set(SetResponse {
-                        success: true,
-                        // Left empty: a message per op would cost more than the op.
-                        message: String::new(),
-                        revision: wire(revision),
-                    }),
-                    OpResult::Delete(deleted) => {
-                        batch_result::Result::Delete(delete_response(deleted))
-                    }
-                    OpResult::Conflict(conflict) => batch_result::Result::Conflict(pb::Conflict {
-                        mod_revision: wire(conflict.actual),
-                        message: conflict.to_string(),
-                    }),
-                }),
-            })
-            .collect();
-        Ok(Response::new(BatchResponse {
-            results,
-            revision: wire(revision),
-        }))
+        Ok(Response::new(BatchReply { results, revision }))
     }
 
     /// One page in key order; `limit` 0 means 1000, capped at `limits.max_page`.
@@ -380,7 +369,7 @@ impl KeyValueStore for KvService {
         .min(self.limits.max_page);
         let page = self.store.list(&prefix, &start_after, limit);
         let next_start_after = match (page.more, page.items.last()) {
-            (true, Some(last)) => last.key.to_string(),
+            (true, Some(last)) => last.key().to_string(),
             _ => String::new(),
         };
         Ok(Response::new(ListResponse {

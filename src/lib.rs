@@ -6,7 +6,8 @@
 //! - [`record`]: one stored key in one allocation, shared by the map, the history and the streams.
 //! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
 //! - [`codec`]: the protobuf codec of the service and client, with a small encode buffer.
-//! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion.
+//! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion;
+//!   [`grpc::batch`], the Batch method's own codec.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
 //! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes;
 //!   the header limit in front of every route.
@@ -42,6 +43,8 @@ pub mod tls;
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("kvstore");
+    // The server, generated from the same service by build.rs.
+    include!(concat!(env!("OUT_DIR"), "/kvstore.KeyValueStore.rs"));
 
     /// The encoded descriptor set of `kvstore.proto`, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

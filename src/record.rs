@@ -79,8 +79,12 @@ impl Record {
 
     /// The value.
     pub fn value(&self) -> &str {
-        std::str::from_utf8(&self.0.slice[self.key_len()..])
-            .expect("a record is made from a str value")
+        std::str::from_utf8(self.value_bytes()).expect("a record is made from a str value")
+    }
+
+    /// The value's bytes, without checking again that they are UTF-8.
+    pub fn value_bytes(&self) -> &[u8] {
+        &self.0.slice[self.key_len()..]
     }
 
     /// The revisions and deadline.
@@ -153,6 +157,16 @@ impl Value {
     /// The value of `record`, sharing its allocation.
     pub fn of(record: &Record) -> Self {
         Self(record.clone())
+    }
+
+    /// The key it is stored under.
+    pub fn key(&self) -> &str {
+        self.0.key()
+    }
+
+    /// Its bytes: what `deref` gives without checking again that they are UTF-8.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.value_bytes()
     }
 }
 

@@ -57,9 +57,7 @@ pub struct Stats {
 /// A key, its value and its revisions, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
-    /// The key.
-    pub key: Key,
-    /// Its value.
+    /// The value, which also knows its key.
     pub value: Value,
     /// The revision that created the key.
     pub create_revision: u64,
@@ -69,6 +67,13 @@ pub struct KeyValue {
     pub version: u64,
     /// Time left before the key expires, if it has a TTL.
     pub ttl: Option<Duration>,
+}
+
+impl KeyValue {
+    /// The key.
+    pub fn key(&self) -> &str {
+        self.value.key()
+    }
 }
 
 /// How a set is guarded and how long the key lives.
@@ -120,24 +125,24 @@ pub struct Page {
     pub revision: u64,
 }
 
-/// One operation of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+/// One operation of a batch, borrowing its strings from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op<'a> {
     /// Read a key.
-    Get(String),
+    Get(&'a str),
     /// Set a key.
     Set {
         /// The key.
-        key: String,
+        key: &'a str,
         /// The value.
-        value: String,
+        value: &'a str,
         /// Guard and TTL.
         options: SetOptions,
     },
     /// Delete a key.
     Delete {
         /// The key.
-        key: String,
+        key: &'a str,
         /// Delete only at this `mod_revision` (0: only if absent).
         expected_mod_revision: Option<u64>,
     },
@@ -219,7 +224,7 @@ impl Store {
     pub fn get(&self, key: &str) -> (Option<KeyValue>, u64) {
         let now = self.clock.now();
         let state = self.read();
-        (state.get(key, now), state.revision)
+        (state.get(key, state.since_epoch(now)), state.revision)
     }
 
     /// Sets `key` to `value` and returns the revision of the change. Subscribers whose
@@ -228,7 +233,7 @@ impl Store {
         let now = self.clock.now();
         let mut state = self.write();
         state.expire_due(now, &self.hub);
-        state.set(key, value, options, now, self.writer())
+        state.set(&key, &value, options, now, self.writer())
     }
 
     /// Deletes `key`, if present (and, when guarded, at the expected `mod_revision`).
@@ -246,23 +251,25 @@ impl Store {
     /// Applies `ops` in order under one lock, so no other write interleaves with them; each
     /// is exactly what it would be alone (its own revision and event). Returns one result
     /// per op and the revision after the last.
-    pub fn batch(&self, ops: Vec<Op>) -> (Vec<OpResult>, u64) {
+    pub fn batch(&self, ops: Vec<Op<'_>>) -> (Vec<OpResult>, u64) {
         let now = self.clock.now();
         let mut results = Vec::with_capacity(ops.len());
         if ops.iter().all(|op| matches!(op, Op::Get(_))) {
             let state = self.read();
+            let at = state.since_epoch(now);
             for op in ops {
                 if let Op::Get(key) = op {
-                    results.push(OpResult::Get(state.get(&key, now)));
+                    results.push(OpResult::Get(state.get(key, at)));
                 }
             }
             return (results, state.revision);
         }
         let mut state = self.write();
         state.expire_due(now, &self.hub);
+        let at = state.since_epoch(now);
         for op in ops {
             results.push(match op {
-                Op::Get(key) => OpResult::Get(state.get(&key, now)),
+                Op::Get(key) => OpResult::Get(state.get(key, at)),
                 Op::Set {
                     key,
                     value,
@@ -274,7 +281,7 @@ impl Store {
                 Op::Delete {
                     key,
                     expected_mod_revision,
-                } => match state.delete(&key, expected_mod_revision, &self.hub) {
+                } => match state.delete(key, expected_mod_revision, &self.hub) {
                     Ok(deleted) => OpResult::Delete(deleted),
                     Err(conflict) => OpResult::Conflict(conflict),
                 },
@@ -425,8 +432,8 @@ struct Writer<'a> {
 }
 
 impl State {
-    fn get(&self, key: &str, now: Instant) -> Option<KeyValue> {
-        let now = self.since_epoch(now);
+    /// `now` is in nanoseconds after the epoch.
+    fn get(&self, key: &str, now: u64) -> Option<KeyValue> {
         self.map
             .get(key.as_bytes())
             .filter(|record| is_live(record, now))
@@ -447,7 +454,6 @@ impl State {
     fn to_key_value(&self, record: &Record, now: u64) -> KeyValue {
         let meta = record.meta();
         KeyValue {
-            key: Key::from(record.key()),
             value: Value::of(record),
             create_revision: meta.create_revision,
             mod_revision: meta.mod_revision,
@@ -469,8 +475,8 @@ impl State {
 
     fn set(
         &mut self,
-        key: String,
-        value: String,
+        key: &str,
+        value: &str,
         options: SetOptions,
         now: Instant,
         writer: Writer<'_>,
@@ -488,11 +494,11 @@ impl State {
             None => (revision, 1),
         };
         if let Some(at) = current.and_then(|meta| self.deadline(meta)) {
-            self.expiry.remove(&(at, Key::from(key.as_str())));
+            self.expiry.remove(&(at, Key::from(key)));
         }
         let record = Record::new(
-            &key,
-            &value,
+            key,
+            value,
             Meta {
                 create_revision,
                 mod_revision: revision,
@@ -818,9 +824,9 @@ mod tests {
     fn a_batch_applies_each_op_as_if_alone_and_only_a_failed_guard_fails() {
         let (store, _) = manual_store(100);
         let mut sub = store.subscribe(String::new(), Start::Now).unwrap();
-        let set = |key: &str, expected: Option<u64>| Op::Set {
-            key: key.into(),
-            value: key.into(),
+        let set = |key: &'static str, expected: Option<u64>| Op::Set {
+            key,
+            value: key,
             options: SetOptions {
                 expected_mod_revision: expected,
                 ttl: None,
@@ -830,12 +836,12 @@ mod tests {
             set("a", None),
             set("b", Some(0)),
             set("a", Some(5)),
-            Op::Get("a".into()),
+            Op::Get("a"),
             Op::Delete {
-                key: "b".into(),
+                key: "b",
                 expected_mod_revision: Some(2),
             },
-            Op::Get("b".into()),
+            Op::Get("b"),
         ]);
         assert_eq!(revision, 3);
         assert_eq!(results[0], OpResult::Set(1));
@@ -861,7 +867,7 @@ mod tests {
             .map(|c| c.revision())
             .collect();
         assert_eq!(revisions, [1, 2, 3]);
-        let (reads, revision) = store.batch(vec![Op::Get("a".into()), Op::Get("zz".into())]);
+        let (reads, revision) = store.batch(vec![Op::Get("a"), Op::Get("zz")]);
         assert_eq!((reads.len(), revision), (2, 3));
     }
 
@@ -916,7 +922,7 @@ mod tests {
         let keys = |page: &Page| {
             page.items
                 .iter()
-                .map(|kv| kv.key.to_string())
+                .map(|kv| kv.key().to_string())
                 .collect::<Vec<_>>()
         };
         let first = store.list("b/", "", 2);
@@ -1109,7 +1115,7 @@ mod tests {
     }
 
     fn check_kv(kv: &KeyValue, key: &str, entry: &ModelEntry, now: u64) {
-        assert_eq!(&*kv.key, key);
+        assert_eq!(kv.key(), key);
         assert_eq!(&*kv.value, entry.value);
         assert_eq!(
             (kv.create_revision, kv.mod_revision, kv.version),
@@ -1323,7 +1329,7 @@ mod tests {
             .list("", "", usize::MAX)
             .items
             .into_iter()
-            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+            .map(|kv| (kv.key().to_string(), kv.value.to_string()))
             .collect();
         assert_eq!(listed, replayed);
     }

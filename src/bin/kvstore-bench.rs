@@ -21,12 +21,12 @@ use futures_core::stream::BoxStream;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvstore::auth::BearerToken;
+use kvstore::grpc::batch::{BatchReply, EncodedBatch};
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
 use kvstore::pb::{
-    BatchOp, BatchRequest, BatchResponse, BatchResult, ChangeEvent, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, ListRequest, ListResponse, SetRequest, SetResponse, SubscribeRequest,
-    batch_op, batch_result,
+    BatchOp, BatchRequest, ChangeEvent, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    ListRequest, ListResponse, SetRequest, SetResponse, SubscribeRequest, batch_op,
 };
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::sys::time::{TimeVal, TimeValLike};
@@ -1784,41 +1784,15 @@ impl KeyValueStore for Bare {
     }
 
     async fn delete(&self, _: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
-        Err(Status::unimplemented(
-            "the bare server answers Get, Set and Batch",
-        ))
+        Err(Status::unimplemented("the bare server answers Get and Set"))
     }
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        Err(Status::unimplemented(
-            "the bare server answers Get, Set and Batch",
-        ))
+        Err(Status::unimplemented("the bare server answers Get and Set"))
     }
 
-    /// One constant result per op, of the op's kind.
-    async fn batch(
-        &self,
-        request: Request<BatchRequest>,
-    ) -> Result<Response<BatchResponse>, Status> {
-        let ops = request.into_inner().ops;
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            let result = match op.op {
-                Some(batch_op::Op::Get(_)) => batch_result::Result::Get(self.get.clone()),
-                Some(batch_op::Op::Set(_)) => batch_result::Result::Set(self.set.clone()),
-                Some(batch_op::Op::Delete(_)) => {
-                    batch_result::Result::Delete(DeleteResponse::default())
-                }
-                None => return Err(Status::invalid_argument("a batch op is empty")),
-            };
-            results.push(BatchResult {
-                result: Some(result),
-            });
-        }
-        Ok(Response::new(BatchResponse {
-            results,
-            revision: 1,
-        }))
+    async fn batch(&self, _: Request<EncodedBatch>) -> Result<Response<BatchReply>, Status> {
+        Err(Status::unimplemented("the bare server answers Get and Set"))
     }
 
     type SubscribeStream = BoxStream<'static, Result<ChangeEvent, Status>>;
@@ -1827,9 +1801,7 @@ impl KeyValueStore for Bare {
         &self,
         _: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::unimplemented(
-            "the bare server answers Get, Set and Batch",
-        ))
+        Err(Status::unimplemented("the bare server answers Get and Set"))
     }
 }
 
@@ -3070,6 +3042,7 @@ mod tests {
 
     #[test]
     fn a_batch_response_is_counted_by_kind_of_result() {
+        use kvstore::pb::{BatchResponse, BatchResult, batch_result};
         use prost::Message as _;
 
         let result = |result| BatchResult {

@@ -1,0 +1,539 @@
+//! The Batch RPC on the wire. A batch costs per op, not per call, so it skips the generated
+//! message types: ops are read in place from the request's bytes, keys and values borrowed,
+//! and each get is written from the stored value straight into the response, so an op
+//! allocates nothing of its own. The bytes are still `BatchRequest` and `BatchResponse` of
+//! proto/kvstore.proto; the tests hold both directions to prost's encoding.
+
+use prost::Message;
+use prost::bytes::{Buf, BufMut, Bytes};
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use super::{delete_response, get_response, ttl_ms, wire};
+use crate::pb::{self, batch_op, batch_result};
+use crate::store::{KeyValue, OpResult};
+
+/// Protobuf wire types.
+const VARINT: u64 = 0;
+const LEN: u64 = 2;
+
+/// A Batch request as it arrived: an encoded `BatchRequest`, read by [`EncodedBatch::ops`].
+#[derive(Debug, Clone)]
+pub struct EncodedBatch(Bytes);
+
+/// A Batch's answer, encoded as a `BatchResponse` on its way out.
+#[derive(Debug)]
+pub struct BatchReply {
+    /// One result per op, in the order of the ops.
+    pub results: Vec<OpResult>,
+    /// The store's revision after the batch.
+    pub revision: u64,
+}
+
+/// One op as the request has it, before validation, its strings borrowed from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireOp<'a> {
+    /// A `GetRequest`.
+    Get {
+        /// Its `key`.
+        key: &'a str,
+    },
+    /// A `SetRequest`.
+    Set {
+        /// Its `key`.
+        key: &'a str,
+        /// Its `value`.
+        value: &'a str,
+        /// Its `expected_mod_revision`, if present.
+        expected_mod_revision: Option<i64>,
+        /// Its `ttl_ms`.
+        ttl_ms: i64,
+    },
+    /// A `DeleteRequest`.
+    Delete {
+        /// Its `key`.
+        key: &'a str,
+        /// Its `expected_mod_revision`, if present.
+        expected_mod_revision: Option<i64>,
+    },
+    /// A `BatchOp` with no op in it.
+    Empty,
+}
+
+impl EncodedBatch {
+    /// The request's ops. The plain encoding that protobuf libraries write is read in
+    /// place; anything else (a field repeated or unknown, say) and malformed requests are
+    /// left to prost, whose message is kept in `decoded` to lend the ops their strings.
+    pub fn ops<'a>(
+        &'a self,
+        decoded: &'a mut Option<pb::BatchRequest>,
+    ) -> Result<Vec<WireOp<'a>>, prost::DecodeError> {
+        if let Some(ops) = read_plain(&self.0) {
+            return Ok(ops);
+        }
+        let request = decoded.insert(pb::BatchRequest::decode(self.0.clone())?);
+        Ok(request.ops.iter().map(WireOp::from).collect())
+    }
+}
+
+impl<'a> From<&'a pb::BatchOp> for WireOp<'a> {
+    fn from(op: &'a pb::BatchOp) -> Self {
+        match &op.op {
+            Some(batch_op::Op::Get(get)) => Self::Get { key: &get.key },
+            Some(batch_op::Op::Set(set)) => Self::Set {
+                key: &set.key,
+                value: &set.value,
+                expected_mod_revision: set.expected_mod_revision,
+                ttl_ms: set.ttl_ms,
+            },
+            Some(batch_op::Op::Delete(delete)) => Self::Delete {
+                key: &delete.key,
+                expected_mod_revision: delete.expected_mod_revision,
+            },
+            None => Self::Empty,
+        }
+    }
+}
+
+/// The ops of a `BatchRequest` in the plain encoding: every field known and at most once
+/// in its message, every string valid UTF-8. `None` for anything else, even when valid,
+/// since merging repeated fields is prost's business.
+fn read_plain(mut request: &[u8]) -> Option<Vec<WireOp<'_>>> {
+    // A get of a 16-byte key takes 20 bytes.
+    let mut ops = Vec::with_capacity(request.len() / 20);
+    while !request.is_empty() {
+        if key(&mut request)? != (1, LEN) {
+            return None;
+        }
+        ops.push(read_op(bytes(&mut request)?)?);
+    }
+    Some(ops)
+}
+
+/// One `BatchOp`: its oneof, holding a `GetRequest` (1), `SetRequest` (2) or
+/// `DeleteRequest` (3), or nothing.
+fn read_op(mut op: &[u8]) -> Option<WireOp<'_>> {
+    if op.is_empty() {
+        return Some(WireOp::Empty);
+    }
+    let (number, wire_type) = key(&mut op)?;
+    if wire_type != LEN {
+        return None;
+    }
+    let message = bytes(&mut op)?;
+    if !op.is_empty() {
+        return None;
+    }
+    let text = |field| match field {
+        Field::Text(text) => text,
+        _ => "",
+    };
+    let int = |field| match field {
+        Field::Int(int) => Some(int),
+        _ => None,
+    };
+    Some(match number {
+        1 => {
+            let [key] = read_fields(message, [LEN])?;
+            WireOp::Get { key: text(key) }
+        }
+        2 => {
+            let [key, value, expected, ttl] = read_fields(message, [LEN, LEN, VARINT, VARINT])?;
+            WireOp::Set {
+                key: text(key),
+                value: text(value),
+                expected_mod_revision: int(expected),
+                ttl_ms: int(ttl).unwrap_or(0),
+            }
+        }
+        3 => {
+            let [key, expected] = read_fields(message, [LEN, VARINT])?;
+            WireOp::Delete {
+                key: text(key),
+                expected_mod_revision: int(expected),
+            }
+        }
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Absent,
+    Text(&'a str),
+    Int(i64),
+}
+
+/// The fields of a message whose field number `n` has the wire type `types[n - 1]`: a
+/// string (`LEN`) or an int64 (`VARINT`).
+fn read_fields<const N: usize>(mut message: &[u8], types: [u64; N]) -> Option<[Field<'_>; N]> {
+    let mut fields = [Field::Absent; N];
+    while !message.is_empty() {
+        let (number, wire_type) = key(&mut message)?;
+        let i = usize::try_from(number).ok()?.checked_sub(1)?;
+        if types.get(i) != Some(&wire_type) || !matches!(fields[i], Field::Absent) {
+            return None;
+        }
+        fields[i] = if wire_type == LEN {
+            Field::Text(std::str::from_utf8(bytes(&mut message)?).ok()?)
+        } else {
+            // int64 travels as its two's-complement bits.
+            Field::Int(varint(&mut message)? as i64)
+        };
+    }
+    Some(fields)
+}
+
+/// A field's key: its number and wire type.
+#[inline]
+fn key(buf: &mut &[u8]) -> Option<(u64, u64)> {
+    let key = varint(buf)?;
+    Some((key >> 3, key & 7))
+}
+
+/// A length-delimited field's bytes.
+#[inline]
+fn bytes<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(varint(buf)?).ok()?;
+    let (bytes, rest) = buf.split_at_checked(len)?;
+    *buf = rest;
+    Some(bytes)
+}
+
+/// A base-128 varint of at most ten bytes, the tenth holding only the top bit, as prost
+/// reads them.
+#[inline]
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value = 0;
+    for i in 0..10 {
+        let (&byte, rest) = buf.split_first()?;
+        *buf = rest;
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return (i < 9 || byte < 2).then_some(value);
+        }
+    }
+    None
+}
+
+impl BatchReply {
+    /// The `BatchResponse`. Gets, nearly every op of a typical batch, are written by hand
+    /// from the stored value; the other results go through their prost messages.
+    fn encode(&self, buf: &mut impl BufMut) {
+        for result in &self.results {
+            // Field 1, `results`.
+            put_key(buf, 1, LEN);
+            match result {
+                OpResult::Get(found) => put_get(buf, found.as_ref(), self.revision),
+                other => {
+                    let message = pb::BatchResult {
+                        result: Some(result_message(other, self.revision)),
+                    };
+                    put_varint(buf, message.encoded_len() as u64);
+                    message.encode_raw(buf);
+                }
+            }
+        }
+        put_int(buf, 2, wire(self.revision));
+    }
+}
+
+/// One result as its prost message.
+fn result_message(result: &OpResult, revision: u64) -> batch_result::Result {
+    match result {
+        OpResult::Get(found) => batch_result::Result::Get(get_response(found.clone(), revision)),
+        OpResult::Set(revision) => batch_result::Result::Set(pb::SetResponse {
+            success: true,
+            // Left empty: a message per op would cost more than the op.
+            message: String::new(),
+            revision: wire(*revision),
+        }),
+        OpResult::Delete(deleted) => batch_result::Result::Delete(delete_response(*deleted)),
+        OpResult::Conflict(conflict) => batch_result::Result::Conflict(pb::Conflict {
+            mod_revision: wire(conflict.actual),
+            message: conflict.to_string(),
+        }),
+    }
+}
+
+/// A `BatchResult` holding a `GetResponse` (field 1), after its key: its length, then the
+/// response's fields in order, each left out at its default as proto3 does. The fields
+/// around the value are put together on the stack first: a byte at a time, `buf` checks
+/// its capacity on every byte.
+fn put_get(buf: &mut impl BufMut, found: Option<&KeyValue>, revision: u64) {
+    let (value, ints): (&[u8], _) = match found {
+        Some(kv) => (
+            kv.value.as_bytes(),
+            [
+                1, // found
+                wire(kv.create_revision),
+                wire(kv.mod_revision),
+                wire(kv.version),
+                ttl_ms(kv.ttl),
+                wire(revision),
+            ],
+        ),
+        None => (&[], [0, 0, 0, 0, 0, wire(revision)]),
+    };
+    // At most six fields of one key byte and a ten-byte varint each.
+    let (tail, tail_len) = on_stack::<66>(|rest| {
+        for (number, int) in (2..).zip(ints) {
+            put_int(rest, number, int);
+        }
+    });
+    let len = text_len(value) + tail_len;
+    // Two keys and lengths, and the value's key and length.
+    let (head, head_len) = on_stack::<33>(|rest| {
+        put_varint(rest, (1 + varint_len(len as u64) + len) as u64);
+        put_key(rest, 1, LEN);
+        put_varint(rest, len as u64);
+        if !value.is_empty() {
+            put_key(rest, 1, LEN);
+            put_varint(rest, value.len() as u64);
+        }
+    });
+    buf.put_slice(&head[..head_len]);
+    buf.put_slice(value);
+    buf.put_slice(&tail[..tail_len]);
+}
+
+/// What `write` puts in an array of `N` bytes, and how many bytes that is.
+#[inline]
+fn on_stack<const N: usize>(write: impl FnOnce(&mut &mut [u8])) -> ([u8; N], usize) {
+    let mut bytes = [0; N];
+    let mut rest = &mut bytes[..];
+    write(&mut rest);
+    let len = N - rest.len();
+    (bytes, len)
+}
+
+/// The encoded length of a string field numbered below 16 (a one-byte key).
+#[inline]
+fn text_len(text: &[u8]) -> usize {
+    if text.is_empty() {
+        0
+    } else {
+        1 + varint_len(text.len() as u64) + text.len()
+    }
+}
+
+/// An int64 field numbered below 16, unless it is 0.
+#[inline]
+fn put_int(buf: &mut impl BufMut, number: u8, value: i64) {
+    if value != 0 {
+        put_key(buf, number, VARINT);
+        put_varint(buf, value as u64);
+    }
+}
+
+#[inline]
+fn put_key(buf: &mut impl BufMut, number: u8, wire_type: u64) {
+    buf.put_u8(number << 3 | wire_type as u8);
+}
+
+#[inline]
+fn varint_len(value: u64) -> usize {
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+#[inline]
+fn put_varint(buf: &mut impl BufMut, mut value: u64) {
+    while value >= 0x80 {
+        buf.put_u8(value as u8 | 0x80);
+        value >>= 7;
+    }
+    buf.put_u8(value as u8);
+}
+
+/// The codec of the Batch method: hands the request's bytes over whole and encodes a
+/// [`BatchReply`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchCodec;
+
+impl Codec for BatchCodec {
+    type Encode = BatchReply;
+    type Decode = EncodedBatch;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self {
+        *self
+    }
+}
+
+impl Encoder for BatchCodec {
+    type Item = BatchReply;
+    type Error = Status;
+
+    fn encode(&mut self, reply: BatchReply, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        reply.encode(buf);
+        Ok(())
+    }
+}
+
+impl Decoder for BatchCodec {
+    type Item = EncodedBatch;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<EncodedBatch>, Status> {
+        // The message is already whole and contiguous: this takes it without a copy.
+        Ok(Some(EncodedBatch(buf.copy_to_bytes(buf.remaining()))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prop::collection::vec;
+    use prop::sample::Index;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::record::{Meta, Record, Value};
+    use crate::store::{Conflict, Deleted};
+
+    /// Empty, short, any Unicode, and long enough for a two-byte length.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof!["", "[a-z]{1,8}", "\\PC{0,20}", "x{128,200}"]
+    }
+
+    fn request() -> impl Strategy<Value = pb::BatchRequest> {
+        let op = prop_oneof![
+            Just(None),
+            text().prop_map(|key| Some(batch_op::Op::Get(pb::GetRequest { key }))),
+            (text(), text(), any::<Option<i64>>(), any::<i64>()).prop_map(
+                |(key, value, expected_mod_revision, ttl_ms)| {
+                    Some(batch_op::Op::Set(pb::SetRequest {
+                        key,
+                        value,
+                        expected_mod_revision,
+                        ttl_ms,
+                    }))
+                }
+            ),
+            (text(), any::<Option<i64>>()).prop_map(|(key, expected_mod_revision)| {
+                Some(batch_op::Op::Delete(pb::DeleteRequest {
+                    key,
+                    expected_mod_revision,
+                }))
+            }),
+        ];
+        vec(op.prop_map(|op| pb::BatchOp { op }), 0..20).prop_map(|ops| pb::BatchRequest { ops })
+    }
+
+    fn result() -> impl Strategy<Value = OpResult> {
+        let found = (text(), text(), any::<[u64; 3]>(), any::<Option<u64>>()).prop_map(
+            |(key, value, [create_revision, mod_revision, version], ttl)| KeyValue {
+                value: Value::of(&Record::new(&key, &value, Meta::default())),
+                create_revision,
+                mod_revision,
+                version,
+                ttl: ttl.map(Duration::from_nanos),
+            },
+        );
+        prop_oneof![
+            prop::option::of(found).prop_map(OpResult::Get),
+            any::<u64>().prop_map(OpResult::Set),
+            (any::<Option<u64>>(), any::<u64>()).prop_map(|(prev_mod_revision, revision)| {
+                OpResult::Delete(Deleted {
+                    prev_mod_revision,
+                    revision,
+                })
+            }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(expected, actual)| OpResult::Conflict(Conflict { expected, actual })),
+        ]
+    }
+
+    fn prost_ops(request: &pb::BatchRequest) -> Vec<WireOp<'_>> {
+        request.ops.iter().map(WireOp::from).collect()
+    }
+
+    proptest! {
+        /// What protobuf libraries write is read in place, and read as prost reads it.
+        #[test]
+        fn plain_requests_are_read_in_place_as_prost_reads_them(request in request()) {
+            let bytes = request.encode_to_vec();
+            prop_assert_eq!(read_plain(&bytes), Some(prost_ops(&request)));
+        }
+
+        /// Whatever the bytes, the ops are prost's, or there is an error where prost has one.
+        #[test]
+        fn any_bytes_give_prosts_ops_or_an_error_where_prost_has_one(
+            request in request(),
+            edits in vec((any::<Index>(), any::<u8>()), 0..4),
+            tail in vec(any::<u8>(), 0..8),
+        ) {
+            let mut bytes = request.encode_to_vec();
+            for (at, byte) in edits {
+                if !bytes.is_empty() {
+                    let i = at.index(bytes.len());
+                    bytes[i] = byte;
+                }
+            }
+            bytes.extend(tail);
+            let encoded = EncodedBatch(Bytes::from(bytes.clone()));
+            let mut decoded = None;
+            match (encoded.ops(&mut decoded), pb::BatchRequest::decode(&bytes[..])) {
+                (Ok(ours), Ok(prosts)) => prop_assert_eq!(ours, prost_ops(&prosts)),
+                (Err(_), Err(_)) => {}
+                (ours, prosts) => prop_assert!(false, "ours {ours:?}, prost's {prosts:?}"),
+            }
+        }
+
+        /// A reply is byte for byte the BatchResponse that prost writes.
+        #[test]
+        fn replies_are_what_prost_writes(results in vec(result(), 0..20), revision in any::<u64>()) {
+            let expected = pb::BatchResponse {
+                results: results
+                    .iter()
+                    .map(|result| pb::BatchResult {
+                        result: Some(result_message(result, revision)),
+                    })
+                    .collect(),
+                revision: wire(revision),
+            };
+            let mut bytes = Vec::new();
+            BatchReply { results, revision }.encode(&mut bytes);
+            prop_assert_eq!(bytes, expected.encode_to_vec());
+        }
+    }
+
+    /// A oneof field twice in one op is merged, as protobuf says; prost does that for us.
+    #[test]
+    fn repeated_fields_are_merged_as_prost_merges_them() {
+        let set = |key: &str, value: &str, ttl_ms| pb::BatchOp {
+            op: Some(batch_op::Op::Set(pb::SetRequest {
+                key: key.into(),
+                value: value.into(),
+                expected_mod_revision: None,
+                ttl_ms,
+            })),
+        };
+        let op: Vec<u8> = [set("a", "1", 0), set("", "2", 5)]
+            .iter()
+            .flat_map(Message::encode_to_vec)
+            .collect();
+        let request = pb::BatchRequest {
+            ops: vec![pb::BatchOp::decode(&op[..]).unwrap()],
+        };
+        let mut bytes = vec![1 << 3 | LEN as u8, op.len() as u8];
+        bytes.extend(&op);
+        assert_eq!(read_plain(&bytes), None, "not the plain encoding");
+        let merged = WireOp::Set {
+            key: "a",
+            value: "2",
+            expected_mod_revision: None,
+            ttl_ms: 5,
+        };
+        assert_eq!(prost_ops(&request), [merged]);
+        let mut decoded = None;
+        let encoded = EncodedBatch(Bytes::from(bytes));
+        assert_eq!(encoded.ops(&mut decoded), Ok(vec![merged]));
+    }
+}
