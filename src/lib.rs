@@ -4,6 +4,7 @@
 //!
 //! - [`store`]: the concurrent map; every write is published to the matching subscribers.
 //! - [`record`]: one stored key in one allocation, shared by the map, the history and the streams.
+//! - `index`: the map's records in key order and by key hash.
 //! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
 //! - [`codec`]: the protobuf codec of the service and client, with a small encode buffer.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod endpoint;
 pub mod grpc;
 pub mod http;
+mod index;
 pub mod legacy_args;
 pub mod metrics;
 pub mod middleware;

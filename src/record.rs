@@ -2,13 +2,14 @@
 //! behind a thin reference-counted pointer. The map, the history and every subscriber share
 //! the same allocation, so a set allocates the entry once and a read copies nothing.
 //!
-//! This layout is what keeps a million small keys below Redis's footprint: the ordered map
-//! holds 8-byte pointers, and the entry of a 16-byte key with a 64-byte value fits a
-//! 128-byte allocator class.
+//! This layout is what keeps a million small keys below Redis's footprint: the index holds
+//! 8-byte pointers (twice: ordered and hashed), and the entry of a 16-byte key with a
+//! 64-byte value fits a 128-byte allocator class.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 
 use triomphe::ThinArc;
@@ -30,8 +31,8 @@ struct Header {
     deadline: u64,
 }
 
-/// A key with its value and revisions, immutable once made. Ordered and compared by key
-/// alone, and borrowable as the key's bytes, so a set of records is the ordered map.
+/// A key with its value and revisions, immutable once made. Ordered, compared and hashed by
+/// key alone, and borrowable as the key's bytes, so a set of records is a map by key.
 #[derive(Clone)]
 pub struct Record(ThinArc<Header, u8>);
 
@@ -138,6 +139,13 @@ impl PartialEq for Record {
 }
 
 impl Eq for Record {}
+
+/// Hashed as its key's bytes are, so a hashed set of records is found by key.
+impl Hash for Record {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key_bytes().hash(state);
+    }
+}
 
 impl fmt::Debug for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

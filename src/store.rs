@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::config::{HistorySettings, SubscriptionSettings};
+use crate::index::Index;
 use crate::pubsub::{
     Change, ChangeKind, Event, Hub, HubStats, Key, Subscription, TooManySubscriptions,
 };
@@ -30,8 +31,8 @@ pub struct Store {
 }
 
 struct State {
-    /// The keys, ordered; a record is ordered by its key and borrows as the key's bytes.
-    map: BTreeSet<Record>,
+    /// The records, by key.
+    map: Index,
     revision: u64,
     history: History,
     /// Keys with a TTL, by deadline, so expiry never scans the map.
@@ -204,7 +205,7 @@ impl Store {
         clock: Clock,
     ) -> Self {
         let state = State {
-            map: BTreeSet::new(),
+            map: Index::default(),
             revision: 0,
             history: History::new(history),
             expiry: BTreeSet::new(),
@@ -447,7 +448,7 @@ impl State {
         lower: Bound<&'a str>,
     ) -> impl Iterator<Item = &'a Record> + 'a {
         self.map
-            .range::<[u8], _>((lower.map(str::as_bytes), Bound::Unbounded))
+            .from(lower.map(str::as_bytes))
             .take_while(move |record| record.key().starts_with(prefix))
     }
 
