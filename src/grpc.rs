@@ -320,9 +320,10 @@ impl KeyValueStore for KvService {
         let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
         let mut decoded = None;
-        let ops = request.ops(&mut decoded).map_err(|error| {
-            Status::invalid_argument(format!("the request is not a BatchRequest: {error}"))
-        })?;
+        // INTERNAL, as tonic answers a message that does not decode in every other method.
+        let ops = request
+            .ops(&mut decoded)
+            .map_err(|error| Status::internal(error.to_string()))?;
         if let Some(caller) = caller {
             // The edge let any token in; only now are the ops known.
             let write = ops

@@ -384,6 +384,7 @@ struct Case {
 const SET: &str = "/kvstore.KeyValueStore/Set";
 const GET: &str = "/kvstore.KeyValueStore/Get";
 const SUBSCRIBE: &str = "/kvstore.KeyValueStore/Subscribe";
+const BATCH: &str = "/kvstore.KeyValueStore/Batch";
 
 #[tokio::test]
 async fn malformed_grpc_messages_get_precise_statuses_on_a_connection_that_stays_usable() {
@@ -398,6 +399,8 @@ async fn malformed_grpc_messages_get_precise_statuses_on_a_connection_that_stays
     .encode_to_vec();
     // Field 1 (key), length-delimited, two bytes that are not UTF-8.
     let bad_utf8 = [0x0a, 0x02, 0xff, 0xfe];
+    // A BatchRequest of one op, a get of that key (Batch reads its requests itself).
+    let bad_batch = [0x0a, 0x06, 0x0a, 0x04, 0x0a, 0x02, 0xff, 0xfe];
 
     let cases = [
         Case {
@@ -479,6 +482,22 @@ async fn malformed_grpc_messages_get_precise_statuses_on_a_connection_that_stays
             body: message(&bad_utf8),
             code: Code::Internal,
             says: "SubscribeRequest.key_pattern: invalid string value",
+        },
+        Case {
+            what: "a Batch body that is not protobuf",
+            path: BATCH,
+            headers: &[],
+            body: message(&garbage(5, 64)),
+            code: Code::Internal,
+            says: "failed to decode Protobuf message",
+        },
+        Case {
+            what: "invalid UTF-8 in a key of a Batch op",
+            path: BATCH,
+            headers: &[],
+            body: message(&bad_batch),
+            code: Code::Internal,
+            says: "GetRequest.key: BatchOp.op: BatchRequest.ops: invalid string value",
         },
     ];
     for Case {
