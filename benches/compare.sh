@@ -135,12 +135,26 @@ echo "Batch path (kvstore-bench batch, 100 ops per call, 90% gets, every key set
   --concurrency 8 --duration "$([ "${1:-}" = quick ] && echo 3s || echo 10s)" 2>/dev/null | sed 's/^/    /'
 
 echo
-echo "Memory: 1,000,000 keys of 16 bytes with 64-byte values (RSS after loading, default settings):"
+echo "Memory: 1,000,000 keys of 16 bytes with 64-byte values (RSS settled after loading, default settings):"
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# RSS once it has settled: both servers return freed memory to the system a little after a
+# load (kvstore's memory rounds run once a second), so read until two reads half a second
+# apart agree within 1%, for at most 10 s.
+settled_rss_kib() {
+  local last now
+  last=$(rss_kib "$1")
+  for _ in $(seq 20); do
+    sleep 0.5
+    now=$(rss_kib "$1")
+    [ $(( (last > now ? last - now : now - last) * 100 )) -le "$now" ] && break
+    last=$now
+  done
+  echo "$now"
+}
 start mem 50553 "$server" --listen 127.0.0.1:50553 --health-listen "" --log-level warn
 before=$(rss_kib "$mem")
 "$bench" load-keys --server 127.0.0.1:50553 --keys 1000000 --key-size 16 --value-size 64 >/dev/null 2>&1
-after=$(rss_kib "$mem")
+after=$(settled_rss_kib "$mem")
 echo "    kvstore: $((after / 1024)) MiB RSS ($(( (after - before) * 1024 / 1000000 )) bytes per key above the empty server's $((before / 1024)) MiB)"
 if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
   start redis_mem 56391 redis-server --port 56391 --bind 127.0.0.1 --save "" --appendonly no
@@ -153,6 +167,6 @@ for i in range(1_000_000):
     key = b"key:%012d" % i
     out.write(b"*3\r\n$3\r\nSET\r\n$16\r\n" + key + b"\r\n$64\r\n" + value + b"\r\n")
 ' | redis-cli -p 56391 --pipe >/dev/null
-  after=$(rss_kib "$redis_mem")
+  after=$(settled_rss_kib "$redis_mem")
   echo "    redis $(redis-server --version | grep -oP 'v=\K[0-9.]+'): $((after / 1024)) MiB RSS ($(( (after - before) * 1024 / 1000000 )) bytes per key above its empty $((before / 1024)) MiB)"
 fi
