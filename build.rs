@@ -68,7 +68,7 @@ fn server(file: &FileDescriptorProto) -> Result<tonic_build::manual::Service, St
             ),
         };
         let mut m = tonic_build::manual::Method::builder()
-            .name(snake_case(method.name()))
+            .name(snake_case(method.name())?)
             .route_name(method.name())
             .comment(comment.trim_end())
             .input_type(input)
@@ -85,7 +85,21 @@ fn server(file: &FileDescriptorProto) -> Result<tonic_build::manual::Service, St
     Ok(builder.build())
 }
 
-fn snake_case(name: &str) -> String {
+/// A method's Rust name, as tonic-prost-build names it on the client. Only plain CamelCase
+/// (`ListKeys`, not `ListKVs`) is converted; anything else is refused here rather than
+/// given a name the client does not share.
+fn snake_case(name: &str) -> Result<String, String> {
+    let bytes = name.as_bytes();
+    let plain = bytes.first().is_some_and(u8::is_ascii_uppercase)
+        && bytes.iter().all(u8::is_ascii_alphanumeric)
+        && !bytes
+            .windows(2)
+            .any(|pair| pair.iter().all(u8::is_ascii_uppercase));
+    if !plain {
+        return Err(format!(
+            "rpc {name}: build.rs names only plain CamelCase methods; extend its snake_case"
+        ));
+    }
     let mut snake = String::new();
     for (i, c) in name.char_indices() {
         if c.is_ascii_uppercase() && i > 0 {
@@ -93,5 +107,5 @@ fn snake_case(name: &str) -> String {
         }
         snake.push(c.to_ascii_lowercase());
     }
-    snake
+    Ok(snake)
 }

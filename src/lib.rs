@@ -6,7 +6,8 @@
 //! - [`record`]: one stored key in one allocation, shared by the map, the history and the streams.
 //! - `index`: the map's records in key order and by key hash.
 //! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
-//! - [`codec`]: the protobuf codec of the service and client, with a small encode buffer.
+//! - [`codec`]: the protobuf codec of the client and the service's methods, with a small encode
+//!   buffer.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion;
 //!   [`grpc::batch`], the Batch method's own codec.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).

@@ -3,6 +3,7 @@
 //! published to the matching subscribers ([`crate::pubsub`]) before the write lock is released.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -56,7 +57,7 @@ pub struct Stats {
 }
 
 /// A key, its value and its revisions, as read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct KeyValue {
     /// The value, which also knows its key.
     pub value: Value,
@@ -74,6 +75,33 @@ impl KeyValue {
     /// The key.
     pub fn key(&self) -> &str {
         self.value.key()
+    }
+}
+
+// By hand, because the key lives inside `value`, whose own `Eq` and `Debug` see only the value.
+impl PartialEq for KeyValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+            && self.value == other.value
+            && self.create_revision == other.create_revision
+            && self.mod_revision == other.mod_revision
+            && self.version == other.version
+            && self.ttl == other.ttl
+    }
+}
+
+impl Eq for KeyValue {}
+
+impl fmt::Debug for KeyValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyValue")
+            .field("key", &self.key())
+            .field("value", &self.value)
+            .field("create_revision", &self.create_revision)
+            .field("mod_revision", &self.mod_revision)
+            .field("version", &self.version)
+            .field("ttl", &self.ttl)
+            .finish()
     }
 }
 
@@ -726,6 +754,26 @@ mod tests {
                 other => panic!("expected a change, got {other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn key_values_differ_by_key_alone() {
+        let meta = Meta {
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            ..Meta::default()
+        };
+        let read = |key| KeyValue {
+            value: Value::of(&Record::new(key, "v", meta)),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            ttl: None,
+        };
+        assert_eq!(read("a"), read("a"));
+        assert_ne!(read("a"), read("b"));
+        assert!(format!("{:?}", read("b")).contains(r#"key: "b""#));
     }
 
     #[test]

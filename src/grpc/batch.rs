@@ -15,7 +15,9 @@ use crate::store::{KeyValue, OpResult};
 
 /// Protobuf wire types.
 const VARINT: u64 = 0;
+const I64: u64 = 1;
 const LEN: u64 = 2;
+const I32: u64 = 5;
 
 /// A Batch request as it arrived: an encoded `BatchRequest`, read by [`EncodedBatch::ops`].
 #[derive(Debug, Clone)]
@@ -60,18 +62,43 @@ pub enum WireOp<'a> {
     Empty,
 }
 
+/// Why a Batch request yields no ops.
+#[derive(Debug)]
+pub enum Unread {
+    /// It is not a `BatchRequest`.
+    Malformed(prost::DecodeError),
+    /// It holds this many ops, over the limit it was read with.
+    TooMany(usize),
+}
+
 impl EncodedBatch {
-    /// The request's ops. The plain encoding that protobuf libraries write is read in
-    /// place; anything else (a field repeated or unknown, say) and malformed requests are
-    /// left to prost, whose message is kept in `decoded` to lend the ops their strings.
+    /// The request's ops, at most `max` of them. They are counted from the framing first,
+    /// so a batch over the limit is refused before any op is read and the ops' vector is
+    /// allocated once, at its size. The plain encoding that protobuf libraries write is
+    /// read in place; anything else (a field repeated or unknown, say) and malformed
+    /// requests are left to prost, whose message is kept in `decoded` to lend the ops
+    /// their strings.
     pub fn ops<'a>(
         &'a self,
+        max: usize,
         decoded: &'a mut Option<pb::BatchRequest>,
-    ) -> Result<Vec<WireOp<'a>>, prost::DecodeError> {
-        if let Some(ops) = read_plain(&self.0) {
-            return Ok(ops);
+    ) -> Result<Vec<WireOp<'a>>, Unread> {
+        let count = count_ops(&self.0);
+        match count {
+            Some(count) if count > max => return Err(Unread::TooMany(count)),
+            Some(count) => {
+                if let Some(ops) = read_plain(&self.0, count) {
+                    return Ok(ops);
+                }
+            }
+            None => {}
         }
-        let request = decoded.insert(pb::BatchRequest::decode(self.0.clone())?);
+        let request = pb::BatchRequest::decode(self.0.clone()).map_err(Unread::Malformed)?;
+        let request = decoded.insert(request);
+        // Only a request with a group in it is not counted first; prost skips those.
+        if request.ops.len() > max {
+            return Err(Unread::TooMany(request.ops.len()));
+        }
         Ok(request.ops.iter().map(WireOp::from).collect())
     }
 }
@@ -95,12 +122,34 @@ impl<'a> From<&'a pb::BatchOp> for WireOp<'a> {
     }
 }
 
+/// How many ops (field 1) a `BatchRequest` holds, from its framing alone: every field's
+/// key and length, no field's contents. `None` if the framing is malformed or holds a
+/// group, a wire type nothing in the proto uses.
+fn count_ops(mut request: &[u8]) -> Option<usize> {
+    let mut count = 0;
+    while !request.is_empty() {
+        let (number, wire_type) = key(&mut request)?;
+        match wire_type {
+            VARINT => {
+                varint(&mut request)?;
+            }
+            I64 => request = request.get(8..)?,
+            LEN => {
+                bytes(&mut request)?;
+            }
+            I32 => request = request.get(4..)?,
+            _ => return None,
+        }
+        count += usize::from(number == 1);
+    }
+    Some(count)
+}
+
 /// The ops of a `BatchRequest` in the plain encoding: every field known and at most once
 /// in its message, every string valid UTF-8. `None` for anything else, even when valid,
 /// since merging repeated fields is prost's business.
-fn read_plain(mut request: &[u8]) -> Option<Vec<WireOp<'_>>> {
-    // A get of a 16-byte key takes 20 bytes.
-    let mut ops = Vec::with_capacity(request.len() / 20);
+fn read_plain(mut request: &[u8], count: usize) -> Option<Vec<WireOp<'_>>> {
+    let mut ops = Vec::with_capacity(count);
     while !request.is_empty() {
         if key(&mut request)? != (1, LEN) {
             return None;
@@ -459,7 +508,8 @@ mod tests {
         #[test]
         fn plain_requests_are_read_in_place_as_prost_reads_them(request in request()) {
             let bytes = request.encode_to_vec();
-            prop_assert_eq!(read_plain(&bytes), Some(prost_ops(&request)));
+            prop_assert_eq!(count_ops(&bytes), Some(request.ops.len()));
+            prop_assert_eq!(read_plain(&bytes, request.ops.len()), Some(prost_ops(&request)));
         }
 
         /// Whatever the bytes, the ops are prost's, or there is an error where prost has one.
@@ -479,8 +529,20 @@ mod tests {
             bytes.extend(tail);
             let encoded = EncodedBatch(Bytes::from(bytes.clone()));
             let mut decoded = None;
-            match (encoded.ops(&mut decoded), pb::BatchRequest::decode(&bytes[..])) {
-                (Ok(ours), Ok(prosts)) => prop_assert_eq!(ours, prost_ops(&prosts)),
+            match (encoded.ops(usize::MAX, &mut decoded), pb::BatchRequest::decode(&bytes[..])) {
+                (Ok(ours), Ok(prosts)) => {
+                    prop_assert_eq!(ours, prost_ops(&prosts));
+                    // One op fewer allowed, and the batch is refused with its size.
+                    let count = prosts.ops.len();
+                    if let Some(max) = count.checked_sub(1) {
+                        let mut decoded = None;
+                        let refused = encoded.ops(max, &mut decoded);
+                        prop_assert!(
+                            matches!(refused, Err(Unread::TooMany(n)) if n == count),
+                            "{refused:?}"
+                        );
+                    }
+                }
                 (Err(_), Err(_)) => {}
                 (ours, prosts) => prop_assert!(false, "ours {ours:?}, prost's {prosts:?}"),
             }
@@ -524,7 +586,7 @@ mod tests {
         };
         let mut bytes = vec![1 << 3 | LEN as u8, op.len() as u8];
         bytes.extend(&op);
-        assert_eq!(read_plain(&bytes), None, "not the plain encoding");
+        assert_eq!(read_plain(&bytes, 1), None, "not the plain encoding");
         let merged = WireOp::Set {
             key: "a",
             value: "2",
@@ -534,6 +596,6 @@ mod tests {
         assert_eq!(prost_ops(&request), [merged]);
         let mut decoded = None;
         let encoded = EncodedBatch(Bytes::from(bytes));
-        assert_eq!(encoded.ops(&mut decoded), Ok(vec![merged]));
+        assert_eq!(encoded.ops(1, &mut decoded).unwrap(), [merged]);
     }
 }
