@@ -72,26 +72,21 @@ pub enum Unread {
 }
 
 impl EncodedBatch {
-    /// The request's ops, at most `max` of them. They are counted from the framing first,
-    /// so a batch over the limit is refused before any op is read and the ops' vector is
-    /// allocated once, at its size. The plain encoding that protobuf libraries write is
-    /// read in place; anything else (a field repeated or unknown, say) and malformed
-    /// requests are left to prost, whose message is kept in `decoded` to lend the ops
-    /// their strings.
+    /// The request's ops, at most `max` of them. The plain encoding that protobuf libraries
+    /// write is read in place; anything else (a field repeated or unknown, say) and
+    /// malformed requests are left to prost, whose message is kept in `decoded` to lend the
+    /// ops their strings. A request over the limit is refused with its count, taken from
+    /// its framing before prost decodes a single op.
     pub fn ops<'a>(
         &'a self,
         max: usize,
         decoded: &'a mut Option<pb::BatchRequest>,
     ) -> Result<Vec<WireOp<'a>>, Unread> {
-        let count = count_ops(&self.0);
-        match count {
-            Some(count) if count > max => return Err(Unread::TooMany(count)),
-            Some(count) => {
-                if let Some(ops) = read_plain(&self.0, count) {
-                    return Ok(ops);
-                }
-            }
-            None => {}
+        if let Some(ops) = read_plain(&self.0, max) {
+            return Ok(ops);
+        }
+        if let Some(count) = count_ops(&self.0).filter(|&count| count > max) {
+            return Err(Unread::TooMany(count));
         }
         let request = pb::BatchRequest::decode(self.0.clone()).map_err(Unread::Malformed)?;
         let request = decoded.insert(request);
@@ -146,11 +141,15 @@ fn count_ops(mut request: &[u8]) -> Option<usize> {
 }
 
 /// The ops of a `BatchRequest` in the plain encoding: every field known and at most once
-/// in its message, every string valid UTF-8. `None` for anything else, even when valid,
-/// since merging repeated fields is prost's business.
-fn read_plain(mut request: &[u8], count: usize) -> Option<Vec<WireOp<'_>>> {
-    let mut ops = Vec::with_capacity(count);
+/// in its message, every string valid UTF-8, at most `max` ops. `None` for anything else,
+/// even when valid, since merging repeated fields is prost's business.
+fn read_plain(mut request: &[u8], max: usize) -> Option<Vec<WireOp<'_>>> {
+    // A get of a 16-byte key takes 20 bytes; large values must not make room for more.
+    let mut ops = Vec::with_capacity((request.len() / 20).min(max));
     while !request.is_empty() {
+        if ops.len() == max {
+            return None;
+        }
         if key(&mut request)? != (1, LEN) {
             return None;
         }
@@ -509,7 +508,11 @@ mod tests {
         fn plain_requests_are_read_in_place_as_prost_reads_them(request in request()) {
             let bytes = request.encode_to_vec();
             prop_assert_eq!(count_ops(&bytes), Some(request.ops.len()));
-            prop_assert_eq!(read_plain(&bytes, request.ops.len()), Some(prost_ops(&request)));
+            let count = request.ops.len();
+            prop_assert_eq!(read_plain(&bytes, count), Some(prost_ops(&request)));
+            if let Some(max) = count.checked_sub(1) {
+                prop_assert_eq!(read_plain(&bytes, max), None);
+            }
         }
 
         /// Whatever the bytes, the ops are prost's, or there is an error where prost has one.
