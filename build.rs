@@ -86,12 +86,13 @@ fn server(file: &FileDescriptorProto) -> Result<tonic_build::manual::Service, St
 }
 
 /// A method's Rust name, as tonic-prost-build names it on the client. Only plain CamelCase
-/// (`ListKeys`, not `ListKVs`) is converted; anything else is refused here rather than
-/// given a name the client does not share.
+/// letters (`ListKeys`, not `ListKVs` or `Get2`) are converted; anything else is refused
+/// here rather than given a name the client does not share. (A keyword such as `Type`
+/// fails to compile, loudly enough.)
 fn snake_case(name: &str) -> Result<String, String> {
     let bytes = name.as_bytes();
     let plain = bytes.first().is_some_and(u8::is_ascii_uppercase)
-        && bytes.iter().all(u8::is_ascii_alphanumeric)
+        && bytes.iter().all(u8::is_ascii_alphabetic)
         && !bytes
             .windows(2)
             .any(|pair| pair.iter().all(u8::is_ascii_uppercase));

@@ -19,10 +19,11 @@ const MOVES_PER_WRITE: usize = if cfg!(test) { 1 } else { 32 };
 /// per process, so clients cannot choose keys that collide (Redis hashes its keys the same
 /// way); the faster unkeyed hashes are open to that.
 ///
-/// The hash table grows as Redis grows its own, a few records per write rather than all at
-/// once: rehashing every key in one go held the write lock for 133 ms at 917,504 keys and
-/// 266 ms at twice that. The B-tree, which always holds every record, answers for the
-/// records not yet moved.
+/// The hash table grows as Redis grows its own, a few records at a time, by every write and
+/// by the store's background task ([`Index::move_records`]), rather than all at once:
+/// rehashing every key in one go held the write lock for 133 ms at 917,504 keys and 266 ms
+/// at twice that. The B-tree, which always holds every record, answers for the records not
+/// yet moved.
 #[derive(Default)]
 pub(crate) struct Index {
     ordered: BTreeSet<Record>,
@@ -39,28 +40,39 @@ impl Index {
         self.ordered.len()
     }
 
+    /// Whether the hash table is growing, its records still being moved.
+    pub fn is_growing(&self) -> bool {
+        self.moving.is_some()
+    }
+
     /// The record of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&Record> {
         match self.hashed.get(key) {
-            None if self.moving.is_some() => self.ordered.get(key),
+            None if self.is_growing() => self.ordered.get(key),
             found => found,
         }
     }
 
-    /// Stores `record`, returning the record of the same key it replaces.
+    /// Stores `record`, returning the record of the same key it replaces. May start the
+    /// hash table growing (see [`Index::is_growing`]).
     pub fn replace(&mut self, record: Record) -> Option<Record> {
-        self.make_room();
+        self.move_records(MOVES_PER_WRITE);
+        if !self.is_growing() && !self.has_room() {
+            let grown = HashSet::with_capacity(2 * self.hashed.capacity().max(4));
+            self.moving = Some(std::mem::replace(&mut self.hashed, grown).into_iter());
+        }
+        debug_assert!(self.has_room(), "a full table rehashes in one go");
         self.hashed.replace(record.clone());
         self.ordered.replace(record)
     }
 
     /// Removes and returns the record of `key`.
     pub fn take(&mut self, key: &[u8]) -> Option<Record> {
-        self.make_room();
+        self.move_records(MOVES_PER_WRITE);
         let record = self.ordered.take(key)?;
         self.hashed.remove(key);
         // The old table may hold an older record of the key even if the new one had it.
-        if self.moving.is_some() {
+        if self.is_growing() {
             self.taken.insert(record.clone());
         }
         Some(record)
@@ -71,24 +83,34 @@ impl Index {
         self.ordered.range::<[u8], _>((lower, Bound::Unbounded))
     }
 
-    /// Moves a few records to the grown hash table, or, when the table is full, starts
-    /// growing it into one of twice the size, before a write.
-    fn make_room(&mut self) {
-        if let Some(moving) = &mut self.moving {
-            for record in moving.by_ref().take(MOVES_PER_WRITE) {
-                // A record set again since is already in the new table, and `insert` keeps it.
-                if !self.taken.contains(&record) {
-                    self.hashed.insert(record);
-                }
+    /// Whether the hash table can take a record without growing: std's table grows, or
+    /// rehashes in place, on any insert, even of a key it holds, once it has no room left.
+    fn has_room(&self) -> bool {
+        self.hashed.len() < self.hashed.capacity()
+    }
+
+    /// Moves up to `count` records to the grown hash table, if it is growing; returns
+    /// whether it still is.
+    pub fn move_records(&mut self, count: usize) -> bool {
+        let Some(moving) = &mut self.moving else {
+            return false;
+        };
+        for record in moving.by_ref().take(count) {
+            // A record set again since is already in the new table, and `insert` keeps it.
+            if !self.taken.contains(&record) {
+                debug_assert!(
+                    self.hashed.len() < self.hashed.capacity(),
+                    "rehashes in one go"
+                );
+                self.hashed.insert(record);
             }
-            if moving.len() == 0 {
-                self.moving = None;
-                self.taken = HashSet::new();
-            }
-        } else if self.hashed.len() == self.hashed.capacity() {
-            let grown = HashSet::with_capacity(2 * self.hashed.capacity().max(4));
-            self.moving = Some(std::mem::replace(&mut self.hashed, grown).into_iter());
         }
+        if moving.len() > 0 {
+            return true;
+        }
+        self.moving = None;
+        self.taken = HashSet::new();
+        false
     }
 }
 

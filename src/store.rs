@@ -17,6 +17,12 @@ use crate::pubsub::{
 };
 use crate::record::{Meta, Record, Value};
 
+/// While the index's hash table grows, the background task moves this many records every
+/// [`GROWTH_TICK`]: at about 100 ns a record, a tenth of a millisecond under the write lock
+/// each millisecond, and a million records in under a second.
+const MOVES_PER_TICK: usize = 1024;
+const GROWTH_TICK: Duration = Duration::from_millis(1);
+
 /// A handle to the shared store; clones share the same data.
 ///
 /// One lock guards the map, the revision counter, the history and the expiry index. A
@@ -26,8 +32,9 @@ use crate::record::{Meta, Record, Value};
 pub struct Store {
     state: Arc<RwLock<State>>,
     hub: Hub,
-    /// Wakes the expiry task when a key gets a deadline earlier than any before.
-    expiry_changed: Arc<Notify>,
+    /// Wakes the background task ([`Store::expire_until`]) when a key gets a deadline
+    /// earlier than any before, or the index's hash table begins to grow.
+    wake: Arc<Notify>,
     clock: Clock,
 }
 
@@ -243,7 +250,7 @@ impl Store {
         Self {
             state: Arc::new(RwLock::new(state)),
             hub: Hub::new(subscriptions.buffer, subscriptions.max),
-            expiry_changed: Arc::default(),
+            wake: Arc::default(),
             clock,
         }
     }
@@ -405,21 +412,32 @@ impl Store {
         state.expiry.first().map(|(at, _)| *at)
     }
 
-    /// Runs [`Store::expire`] at each deadline until `stop` completes.
+    /// Runs [`Store::expire`] at each deadline, and moves records into the index's grown hash
+    /// table while it grows (as Redis finishes its rehashing in its cron, so that it ends
+    /// even when no write comes), until `stop` completes.
     pub async fn expire_until(&self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
             let next = self.expire();
+            let growing = self.write().map.move_records(MOVES_PER_TICK);
             let wait = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
                     None => std::future::pending().await,
                 }
             };
+            let tick = async {
+                if growing {
+                    tokio::time::sleep(GROWTH_TICK).await;
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 () = &mut stop => return,
                 () = wait => {}
-                () = self.expiry_changed.notified() => {}
+                () = tick => {}
+                () = self.wake.notified() => {}
             }
         }
     }
@@ -427,7 +445,7 @@ impl Store {
     fn writer(&self) -> Writer<'_> {
         Writer {
             hub: &self.hub,
-            expiry_changed: &self.expiry_changed,
+            wake: &self.wake,
         }
     }
 
@@ -457,7 +475,7 @@ fn check(expected: Option<u64>, actual: Option<u64>) -> Result<(), Conflict> {
 #[derive(Clone, Copy)]
 struct Writer<'a> {
     hub: &'a Hub,
-    expiry_changed: &'a Notify,
+    wake: &'a Notify,
 }
 
 impl State {
@@ -541,13 +559,17 @@ impl State {
             // it later finds exactly this entry.
             let at = self.deadline(record.meta()).unwrap_or(at);
             if self.expiry.first().is_none_or(|(first, _)| at < *first) {
-                writer.expiry_changed.notify_one();
+                writer.wake.notify_one();
             }
             self.expiry.insert((at, Key::from(key)));
         }
         self.bytes += record.size();
+        let growing = self.map.is_growing();
         if let Some(old) = self.map.replace(record.clone()) {
             self.bytes -= old.size();
+        }
+        if !growing && self.map.is_growing() {
+            writer.wake.notify_one();
         }
         self.apply(
             Change {
@@ -754,6 +776,41 @@ mod tests {
                 other => panic!("expected a change, got {other:?}"),
             })
             .collect()
+    }
+
+    /// The write that starts the index's hash table growing wakes the background task, which
+    /// then finishes the move with no further write.
+    #[tokio::test(start_paused = true)]
+    async fn the_background_task_finishes_growing_the_index() {
+        let (subs, hist) = settings(16, 16);
+        let store = Store::new(subs, hist);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let (store, stop) = (store.clone(), stop.clone());
+            async move { store.expire_until(stop.cancelled_owned()).await }
+        });
+        // Parked: no deadline, nothing growing.
+        tokio::task::yield_now().await;
+        let mut keys = 0;
+        while keys < 1000 || !store.read().map.is_growing() {
+            assert!(keys < 100_000, "the index never began to grow");
+            store
+                .set(format!("k{keys}"), "v".into(), SetOptions::default())
+                .unwrap();
+            keys += 1;
+        }
+        for tick in 0.. {
+            if !store.read().map.is_growing() {
+                break;
+            }
+            assert!(tick < 100, "still growing after {tick} ticks");
+            tokio::time::sleep(GROWTH_TICK).await;
+        }
+        for key in 0..keys {
+            assert!(store.get(&format!("k{key}")).0.is_some(), "k{key}");
+        }
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[test]

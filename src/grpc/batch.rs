@@ -17,6 +17,8 @@ use crate::store::{KeyValue, OpResult};
 const VARINT: u64 = 0;
 const I64: u64 = 1;
 const LEN: u64 = 2;
+const START_GROUP: u64 = 3;
+const END_GROUP: u64 = 4;
 const I32: u64 = 5;
 
 /// A Batch request as it arrived: an encoded `BatchRequest`, read by [`EncodedBatch::ops`].
@@ -90,7 +92,7 @@ impl EncodedBatch {
         }
         let request = pb::BatchRequest::decode(self.0.clone()).map_err(Unread::Malformed)?;
         let request = decoded.insert(request);
-        // Only a request with a group in it is not counted first; prost skips those.
+        // Counted above unless nested past prost's limit, which prost refuses.
         if request.ops.len() > max {
             return Err(Unread::TooMany(request.ops.len()));
         }
@@ -118,26 +120,45 @@ impl<'a> From<&'a pb::BatchOp> for WireOp<'a> {
 }
 
 /// How many ops (field 1) a `BatchRequest` holds, from its framing alone: every field's
-/// key and length, no field's contents. `None` if the framing is malformed or holds a
-/// group, a wire type nothing in the proto uses.
+/// key and length, no op's contents. `None` if the framing is malformed, or an op is not
+/// length-delimited; prost then says what is wrong.
 fn count_ops(mut request: &[u8]) -> Option<usize> {
     let mut count = 0;
     while !request.is_empty() {
         let (number, wire_type) = key(&mut request)?;
-        match wire_type {
-            VARINT => {
-                varint(&mut request)?;
+        if number == 1 {
+            if wire_type != LEN {
+                return None;
             }
-            I64 => request = request.get(8..)?,
-            LEN => {
-                bytes(&mut request)?;
-            }
-            I32 => request = request.get(4..)?,
-            _ => return None,
+            count += 1;
         }
-        count += usize::from(number == 1);
+        skip(&mut request, number, wire_type, 0)?;
     }
     Some(count)
+}
+
+/// Skips the value of field `number`: a group up to its end, nested no deeper than prost
+/// decodes.
+fn skip(buf: &mut &[u8], number: u64, wire_type: u64, depth: u32) -> Option<()> {
+    match wire_type {
+        VARINT => {
+            varint(buf)?;
+        }
+        I64 => *buf = buf.get(8..)?,
+        LEN => {
+            bytes(buf)?;
+        }
+        START_GROUP if depth < 100 => loop {
+            let (inner, inner_type) = key(buf)?;
+            if inner_type == END_GROUP {
+                return (inner == number).then_some(());
+            }
+            skip(buf, inner, inner_type, depth + 1)?;
+        },
+        I32 => *buf = buf.get(4..)?,
+        _ => return None,
+    }
+    Some(())
 }
 
 /// The ops of a `BatchRequest` in the plain encoding: every field known and at most once
@@ -567,6 +588,46 @@ mod tests {
             BatchReply { results, revision }.encode(&mut bytes);
             prop_assert_eq!(bytes, expected.encode_to_vec());
         }
+    }
+
+    /// An unknown field, even a group, does not hide how many ops a request holds; a field 1
+    /// that is not an op is prost's to refuse.
+    #[test]
+    fn ops_are_counted_past_unknown_fields_and_groups() {
+        let get = |key: &str| pb::BatchOp {
+            op: Some(batch_op::Op::Get(pb::GetRequest { key: key.into() })),
+        };
+        let mut bytes = pb::BatchRequest {
+            ops: vec![get("a"), get("b"), get("c")],
+        }
+        .encode_to_vec();
+        // Field 5 as a group holding field 6 as a group holding a varint, then field 7 as
+        // fixed32: not plain, so it is left to prost, which skips them.
+        bytes.extend([5 << 3 | 3, 6 << 3 | 3, 8, 1, 6 << 3 | 4, 5 << 3 | 4]);
+        bytes.extend([7 << 3 | 5, 0, 0, 0, 0]);
+        assert_eq!(count_ops(&bytes), Some(3));
+        let encoded = EncodedBatch(Bytes::from(bytes));
+        let mut decoded = None;
+        assert!(matches!(
+            encoded.ops(2, &mut decoded),
+            Err(Unread::TooMany(3))
+        ));
+        let ops = encoded.ops(3, &mut decoded).unwrap();
+        assert_eq!(
+            ops,
+            [
+                WireOp::Get { key: "a" },
+                WireOp::Get { key: "b" },
+                WireOp::Get { key: "c" }
+            ]
+        );
+
+        let not_ops = EncodedBatch(Bytes::from_static(&[1 << 3, 0, 1 << 3, 0]));
+        assert_eq!(count_ops(&not_ops.0), None);
+        assert!(matches!(
+            not_ops.ops(1, &mut None),
+            Err(Unread::Malformed(_))
+        ));
     }
 
     /// A oneof field twice in one op is merged, as protobuf says; prost does that for us.
