@@ -138,16 +138,21 @@ echo
 echo "Memory: 1,000,000 keys of 16 bytes with 64-byte values (RSS settled after loading, default settings):"
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # RSS once it has settled: both servers return freed memory to the system a little after a
-# load (kvstore's memory rounds run once a second), so read until two reads half a second
-# apart agree within 1%, for at most 10 s.
+# load (kvstore's memory rounds run once a second), so read every half second until the RSS
+# has held within 1% for 2 s, longer than a round, for at most 15 s.
 settled_rss_kib() {
-  local last now
-  last=$(rss_kib "$1")
-  for _ in $(seq 20); do
+  local held now steady=0
+  held=$(rss_kib "$1")
+  for _ in $(seq 30); do
     sleep 0.5
     now=$(rss_kib "$1")
-    [ $(( (last > now ? last - now : now - last) * 100 )) -le "$now" ] && break
-    last=$now
+    if [ $(( (held > now ? held - now : now - held) * 100 )) -le "$now" ]; then
+      steady=$((steady + 1))
+      [ "$steady" -ge 4 ] && break
+    else
+      held=$now
+      steady=0
+    fi
   done
   echo "$now"
 }
