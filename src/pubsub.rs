@@ -4,6 +4,7 @@
 //! this module decides *to whom*.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -174,8 +175,97 @@ struct Registry {
     /// How many distinct prefixes of each byte length exist. A write checks only these
     /// lengths, so matching costs one hash lookup per distinct length, not one per subscriber.
     lengths: BTreeMap<usize, usize>,
+    /// Which of those lookups can find anything.
+    filter: PrefixFilter,
     next_id: u64,
     count: usize,
+}
+
+impl Registry {
+    /// Notes a prefix that has just got its first subscriber.
+    fn added(&mut self, prefix: &str) {
+        *self.lengths.entry(prefix.len()).or_default() += 1;
+        if self.by_prefix.len() * PrefixFilter::BITS_PER_PREFIX > self.filter.bits.len() * 64 {
+            self.rebuild_filter();
+        } else {
+            self.filter.insert(prefix);
+        }
+    }
+
+    /// Notes a prefix that has just lost its last subscriber.
+    fn removed(&mut self, prefix: &str) {
+        if let Some(n) = self.lengths.get_mut(&prefix.len()) {
+            *n -= 1;
+            if *n == 0 {
+                self.lengths.remove(&prefix.len());
+            }
+        }
+        // Its bit stays set until the filter is rebuilt, after as many removals as there are
+        // prefixes left, so rebuilding costs a constant per subscription.
+        self.filter.stale += 1;
+        if self.filter.stale > self.by_prefix.len().max(64) {
+            self.rebuild_filter();
+        }
+    }
+
+    fn rebuild_filter(&mut self) {
+        let bits = self.by_prefix.len() * PrefixFilter::BITS_PER_PREFIX;
+        self.filter.bits = vec![
+            0;
+            bits.div_ceil(64)
+                .next_power_of_two()
+                .max(PrefixFilter::MIN_WORDS)
+        ];
+        self.filter.stale = 0;
+        for prefix in self.by_prefix.keys() {
+            self.filter.insert(prefix);
+        }
+    }
+}
+
+/// Which prefixes may have subscribers: a bit per slot of a prefix's foldhash, set for every
+/// prefix with subscribers. A write checks it before each lookup in `by_prefix`, whose
+/// SipHash was most of what 10,000 idle subscribers added to a write. A clear bit is
+/// certain; a set bit is not (another prefix, or one since gone), so keys crafted to collide
+/// in foldhash, which is fast rather than keyed against attackers, buy only the lookup every
+/// key made before.
+struct PrefixFilter {
+    /// A power of two of words, at least [`PrefixFilter::MIN_WORDS`].
+    bits: Vec<u64>,
+    hasher: foldhash::fast::RandomState,
+    /// Prefixes removed since the last rebuild, whose bits may still be set.
+    stale: usize,
+}
+
+impl Default for PrefixFilter {
+    fn default() -> Self {
+        Self {
+            bits: vec![0; Self::MIN_WORDS],
+            hasher: Default::default(),
+            stale: 0,
+        }
+    }
+}
+
+impl PrefixFilter {
+    /// With one hash, about one absent prefix in 16 finds its bit set.
+    const BITS_PER_PREFIX: usize = 16;
+    const MIN_WORDS: usize = 8;
+
+    fn slot(&self, prefix: &str) -> (usize, u64) {
+        let bit = self.hasher.hash_one(prefix) as usize & (self.bits.len() * 64 - 1);
+        (bit / 64, 1 << (bit % 64))
+    }
+
+    fn insert(&mut self, prefix: &str) {
+        let (word, bit) = self.slot(prefix);
+        self.bits[word] |= bit;
+    }
+
+    fn may_have(&self, prefix: &str) -> bool {
+        let (word, bit) = self.slot(prefix);
+        self.bits[word] & bit != 0
+    }
 }
 
 struct Subscriber {
@@ -234,7 +324,7 @@ impl Hub {
             missed: missed.clone(),
         });
         if new_prefix {
-            *registry.lengths.entry(prefix.len()).or_default() += 1;
+            registry.added(&prefix);
         }
         Ok(Subscription {
             backlog,
@@ -292,7 +382,7 @@ impl Hub {
             if len > key.len() {
                 break;
             }
-            if !key.is_char_boundary(len) {
+            if !key.is_char_boundary(len) || !registry.filter.may_have(&key[..len]) {
                 continue;
             }
             let Some(subscribers) = registry.by_prefix.get(&key[..len]) else {
@@ -321,12 +411,7 @@ impl Hub {
         subscribers.retain(|s| s.id != id);
         if subscribers.is_empty() {
             registry.by_prefix.remove(prefix);
-            if let Some(n) = registry.lengths.get_mut(&prefix.len()) {
-                *n -= 1;
-                if *n == 0 {
-                    registry.lengths.remove(&prefix.len());
-                }
-            }
+            registry.removed(prefix);
         }
         registry.count -= 1;
         self.inner.active.store(registry.count, Ordering::Release);
@@ -509,6 +594,34 @@ mod tests {
         let mut sub = subscribe(&hub, "é");
         publish_all(&hub, &["éa", "e", "ü"]);
         assert_eq!(pending(&mut sub), ["éa"]);
+    }
+
+    /// The prefix filter grows as prefixes come and is rebuilt as they go, and never hides
+    /// a prefix that has subscribers.
+    #[test]
+    fn every_prefix_with_subscribers_gets_its_changes_as_prefixes_come_and_go() {
+        let hub = Hub::new(4, 2000);
+        let mut subs: Vec<_> = (0..1000)
+            .map(|i| subscribe(&hub, &format!("p/{i}/")))
+            .collect();
+        let grown = hub.lock().filter.bits.len();
+        assert!(
+            grown * 64 >= 1000 * PrefixFilter::BITS_PER_PREFIX,
+            "{grown} words"
+        );
+        // 900 prefixes gone: the filter is rebuilt for the 100 left.
+        let mut kept = subs.split_off(900);
+        drop(subs);
+        assert!(hub.lock().filter.bits.len() < grown);
+        kept.extend((1000..1050).map(|i| subscribe(&hub, &format!("p/{i}/"))));
+        let keys: Vec<String> = (900..1050).map(|i| format!("p/{i}/k")).collect();
+        for (sub, key) in kept.iter_mut().zip(&keys) {
+            hub.publish(&change(key, 1));
+            assert_eq!(pending(sub), [key.as_str()]);
+        }
+        // A key under a prefix that is gone, or never was, reaches no one.
+        publish_all(&hub, &["p/5/k", "q/1/k"]);
+        assert!(kept.iter_mut().all(|sub| pending(sub).is_empty()));
     }
 
     #[test]
