@@ -37,8 +37,8 @@ static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 ///
 /// One `Arc` and one atomic for the limit and for shutdown alike: every call clones the
 /// guard and counts itself in and out, and each shared atomic touched is a cache line the
-/// cores pass between them. With a semaphore-like counter, a task tracker and three `Arc`s,
-/// those were about 1.5% of a Set's server CPU.
+/// cores pass between them. With a separate counter, a task tracker and three `Arc`s, those
+/// were about 1% of a Set's server CPU.
 #[derive(Clone)]
 pub struct Guard(Arc<Shared>);
 
@@ -143,9 +143,9 @@ impl<S> Layer<S> for Guard {
 
 /// A service behind the guard.
 ///
-/// The permit and the deadline cover the call until its response headers. A unary call
-/// answers with its headers, so it is covered whole; a Subscribe stream answers as soon as
-/// it is registered, so a long-lived stream holds no permit and is never cut.
+/// The call's place in the guard and its deadline cover it until its response headers. A
+/// unary call answers with its headers, so it is covered whole; a Subscribe stream answers
+/// as soon as it is registered, so a long-lived stream holds no place and is never cut.
 #[derive(Clone)]
 pub struct Guarded<S> {
     guard: Guard,
@@ -490,7 +490,7 @@ mod tests {
         let guard = Guard::new(1, Duration::from_secs(60), metrics.clone());
         let app = guarded(guard.clone(), release.clone());
         let first = tokio::spawn(app.clone().oneshot(request(None)));
-        // Wait until the first call holds the permit: it is parked on `release`.
+        // Wait until the first call holds its place: it is parked on `release`.
         while Arc::strong_count(&release) < 3 && !first.is_finished() {
             tokio::task::yield_now().await;
         }
@@ -502,7 +502,7 @@ mod tests {
         let done = first.await.unwrap().unwrap();
         assert_eq!(grpc_status(&done), None);
         assert_eq!(guard.in_flight(), 0);
-        // The permit is back.
+        // Its place is back.
         release.notify_one();
         let again = app.oneshot(request(None)).await.unwrap();
         assert_eq!(grpc_status(&again), None);

@@ -396,7 +396,8 @@ impl Hub {
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
         // A panic while holding this lock leaves the registry consistent (every update is a
-        // single push or remove), so a poisoned lock is still safe to use.
+        // single push or remove; a rebuild of the filter can fail only by running out of
+        // memory, which aborts), so a poisoned lock is still safe to use.
         self.inner
             .registry
             .lock()
