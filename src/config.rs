@@ -108,6 +108,9 @@ pub struct Limits {
     /// The largest Batch message, in bytes (a single set may always be as large as the key
     /// and value limits allow).
     pub max_batch_bytes: usize,
+    /// The largest answer to one unary call, in bytes: a List page ends before it, a Batch
+    /// that would pass it is refused and applies nothing.
+    pub max_response_bytes: usize,
     /// The largest request body of a plain HTTP route, in bytes (gRPC messages have their
     /// own limits above).
     pub max_http_body_bytes: usize,
@@ -262,6 +265,7 @@ impl Default for Settings {
                 max_page: 10_000,
                 max_batch_ops: 10_000,
                 max_batch_bytes: 4 * 1024 * 1024,
+                max_response_bytes: 4 * 1024 * 1024,
                 max_http_body_bytes: 2 * 1024 * 1024,
             },
             auth: AuthSettings {
@@ -518,6 +522,21 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
                 "must be at most {} (64 KiB), got {}",
                 crate::record::MAX_KEY_BYTES,
                 settings.limits.max_key_bytes
+            ),
+        ));
+    }
+    let one_item = settings.limits.max_key_bytes
+        + settings.limits.max_value_bytes
+        + crate::record::ANSWER_OVERHEAD;
+    if settings.limits.max_response_bytes < one_item {
+        return Err(invalid(
+            figment,
+            "limits.max_response_bytes",
+            &format!(
+                "must hold one key and value at their limits (limits.max_key_bytes + \
+                 limits.max_value_bytes + {} bytes of framing = {one_item}), got {}",
+                crate::record::ANSWER_OVERHEAD,
+                settings.limits.max_response_bytes
             ),
         ));
     }

@@ -25,8 +25,8 @@ use crate::pb::{
     ChangeEvent, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, ListRequest,
     ListResponse, SetRequest, SetResponse, SubscribeRequest,
 };
-use crate::pubsub::{Change, ChangeKind, Event, Subscription};
-use crate::store::{self, Op, SetOptions, Start, Store, SubscribeError};
+use crate::pubsub::{Change, ChangeKind, Event};
+use crate::store::{self, Ended, Op, SetOptions, Start, Store, SubscribeError, Subscription};
 use batch::{BatchReply, EncodedBatch, Unread, WireOp};
 
 /// Room for protobuf framing on top of the largest key and value.
@@ -82,7 +82,11 @@ impl KvService {
     pub fn into_server(self) -> KeyValueStoreServer<Self> {
         let one_set = self.limits.max_key_bytes + self.limits.max_value_bytes + MESSAGE_OVERHEAD;
         let max = one_set.max(self.limits.max_batch_bytes);
-        KeyValueStoreServer::new(self).max_decoding_message_size(max)
+        // A backstop: the store already keeps every answer within max_response_bytes.
+        let max_answer = self.limits.max_response_bytes + MESSAGE_OVERHEAD;
+        KeyValueStoreServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max_answer)
     }
 
     fn check_key(&self, key: &str) -> Result<(), Status> {
@@ -315,7 +319,8 @@ impl KeyValueStore for KvService {
         Ok(Response::new(delete_response(deleted)))
     }
 
-    /// Validates every op first, then applies them all under one lock.
+    /// Validates every op first, then applies them all under one lock; an answer that would
+    /// pass `limits.max_response_bytes` is `RESOURCE_EXHAUSTED`, and nothing is applied.
     async fn batch(&self, request: Request<EncodedBatch>) -> Result<Response<BatchReply>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
@@ -350,11 +355,18 @@ impl KeyValueStore for KvService {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (results, revision) = self.store.batch(ops);
+        let (results, revision) = self
+            .store
+            .batch(ops, self.limits.max_response_bytes)
+            .map_err(|too_large| {
+                self.metrics.refused(Limit::MaxResponseBytes);
+                Status::resource_exhausted(too_large.to_string())
+            })?;
         Ok(Response::new(BatchReply { results, revision }))
     }
 
-    /// One page in key order; `limit` 0 means 1000, capped at `limits.max_page`.
+    /// One page in key order; `limit` 0 means 1000, capped at `limits.max_page`. The page
+    /// ends early, with `more`, where its answer would pass `limits.max_response_bytes`.
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let ListRequest {
             prefix,
@@ -368,7 +380,9 @@ impl KeyValueStore for KvService {
             n => n,
         }
         .min(self.limits.max_page);
-        let page = self.store.list(&prefix, &start_after, limit);
+        let page = self
+            .store
+            .list(&prefix, &start_after, limit, self.limits.max_response_bytes);
         let next_start_after = match (page.more, page.items.last()) {
             (true, Some(last)) => last.key().to_string(),
             _ => String::new(),
@@ -468,7 +482,11 @@ impl ChangeStream {
         if event.change_type() != ChangeType::Progress {
             self.delivered.inc();
         }
-        self.last_revision = self.last_revision.max(event.revision.unsigned_abs());
+        // A snapshot's events carry their keys' revisions, in key order: the client is current
+        // to nothing until the snapshot's end marker.
+        if !event.initial {
+            self.last_revision = self.last_revision.max(event.revision.unsigned_abs());
+        }
         if let Some((every, timer)) = &mut self.progress {
             timer.as_mut().reset(tokio::time::Instant::now() + *every);
         }
@@ -499,12 +517,16 @@ impl Stream for ChangeStream {
                 };
                 this.send(event)
             }
-            Poll::Ready(Some(Err(lagged))) => {
+            Poll::Ready(Some(Err(Ended::Lagged(lagged)))) => {
                 let last = this.last_revision;
                 this.end(Status::resource_exhausted(format!(
                     "{lagged}; the last revision received was {last}: resume with start_revision {}",
                     last + 1
                 )))
+            }
+            Poll::Ready(Some(Err(compacted @ Ended::Compacted { oldest, .. }))) => {
+                let status = Status::out_of_range(compacted.to_string());
+                this.end(with_trailer(status, OLDEST_REVISION_TRAILER, oldest))
             }
             Poll::Ready(None) => {
                 this.ended = true;
@@ -516,6 +538,7 @@ impl Stream for ChangeStream {
                 Status::unavailable("server is shutting down; reconnect to another instance"),
             ),
             Poll::Pending if shutting_down => Poll::Pending,
+            Poll::Pending if !this.subscription.is_live() => Poll::Pending,
             Poll::Pending => {
                 let idle = this
                     .progress
@@ -569,6 +592,7 @@ mod tests {
             max_page: 10,
             max_batch_ops: 4,
             max_batch_bytes: 1024,
+            max_response_bytes: 4096,
             max_http_body_bytes: 1024,
         };
         let defaults = crate::config::Settings::default();

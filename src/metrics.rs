@@ -176,6 +176,9 @@ pub enum Limit {
     MaxValueBytes,
     /// `limits.max_batch_ops`: a Batch carried too many ops.
     MaxBatchOps,
+    /// `limits.max_response_bytes`: a Batch's answer would have been too large (a List page
+    /// that ends early is not a refusal).
+    MaxResponseBytes,
     /// `server.max_connections`: a connection was refused as soon as it was accepted.
     MaxConnections,
     /// `server.max_header_bytes`: a request's headers were over the limit (those beyond
@@ -186,13 +189,14 @@ pub enum Limit {
 }
 
 impl Limit {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
         Self::MaxKeyBytes,
         Self::MaxValueBytes,
         Self::MaxBatchOps,
+        Self::MaxResponseBytes,
         Self::MaxConnections,
         Self::MaxHeaderBytes,
         Self::RatePerClient,
@@ -207,6 +211,7 @@ impl Limit {
             Self::MaxKeyBytes => "limits.max_key_bytes",
             Self::MaxValueBytes => "limits.max_value_bytes",
             Self::MaxBatchOps => "limits.max_batch_ops",
+            Self::MaxResponseBytes => "limits.max_response_bytes",
             Self::MaxConnections => "server.max_connections",
             Self::MaxHeaderBytes => "server.max_header_bytes",
             Self::RatePerClient => "rate_limit.per_client",

@@ -1,16 +1,15 @@
 //! Change events and the subscriber registry. Subscribers are indexed by prefix so a write
 //! looks up only the prefixes of its own key; each subscriber has a bounded queue that a
 //! writer never waits on. The store decides *when* to publish and what to replay first;
-//! this module decides *to whom*.
+//! this module decides *to whom*, and keeps for a snapshot in progress the records as they
+//! stood at its revision ([`PreImages`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use futures_core::Stream;
 use tokio::sync::mpsc;
 
 use crate::record::{Meta, Record};
@@ -177,7 +176,6 @@ struct Registry {
     lengths: BTreeMap<usize, usize>,
     /// Which of those lookups can find anything.
     filter: PrefixFilter,
-    next_id: u64,
     count: usize,
 }
 
@@ -269,9 +267,76 @@ impl PrefixFilter {
 }
 
 struct Subscriber {
-    id: u64,
     tx: mpsc::Sender<Change>,
-    missed: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+/// What a subscriber's registry entry and its [`Subscription`] share.
+struct Shared {
+    /// Changes offered once the queue was full: while 0 the subscriber is keeping up.
+    missed: AtomicU64,
+    /// Its index in its prefix's list, kept by the registry, under its lock, as others
+    /// leave: leaving swaps the last one in, so it never scans the list.
+    slot: AtomicUsize,
+    pre_images: Option<Arc<PreImages>>,
+}
+
+/// The records of a snapshot in progress as they stood at its revision, for the keys it
+/// has not sent yet that have changed since. Each change a subscriber is offered hands it
+/// the key's old record; only the first change after the revision keeps one, so a
+/// subscriber keeps at most one record per change queued for it, which its queue bounds (a
+/// subscriber whose queue is full has lagged and keeps nothing more).
+pub struct PreImages {
+    revision: u64,
+    done: AtomicBool,
+    state: Mutex<PreImageState>,
+}
+
+/// How far a snapshot has gone, and what changed ahead of it.
+#[derive(Default)]
+pub struct PreImageState {
+    /// The last key sent, if any: changes at or before it are the live stream's alone.
+    pub sent_up_to: Option<Key>,
+    /// The old records of keys after `sent_up_to` that changed after the revision.
+    pub before: BTreeMap<Key, Record>,
+}
+
+impl PreImages {
+    /// Pre-images for a snapshot read at `revision`.
+    pub fn new(revision: u64) -> Self {
+        Self {
+            revision,
+            done: AtomicBool::new(false),
+            state: Mutex::default(),
+        }
+    }
+
+    /// The snapshot's position and the records kept for it. The caller holds off writers
+    /// (the store's read lock) while it reads them and moves on.
+    pub fn lock(&self) -> MutexGuard<'_, PreImageState> {
+        // Each update is one insert, or a move of the position: consistent after a panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The snapshot is complete: keep nothing more.
+    pub fn finish(&self) {
+        self.done.store(true, Ordering::Release);
+        self.lock().before.clear();
+    }
+
+    fn keep(&self, old: &Record) {
+        if self.done.load(Ordering::Acquire) || old.meta().mod_revision > self.revision {
+            return;
+        }
+        let mut state = self.lock();
+        let key = old.key();
+        if state.sent_up_to.as_deref().is_some_and(|sent| key <= sent) {
+            return;
+        }
+        if !state.before.contains_key(key) {
+            state.before.insert(Key::from(key), old.clone());
+        }
+    }
 }
 
 impl Hub {
@@ -291,49 +356,46 @@ impl Hub {
     }
 
     /// Registers a subscriber for every key that starts with `prefix` ("" matches all keys).
-    /// It delivers `backlog` first, then every change published after this returns whose
-    /// revision is at least `min_revision`. `after` is the revision the subscriber is
-    /// already current to when it starts (see [`Subscription::after`]).
+    /// It delivers every change published after this returns whose revision is at least
+    /// `min_revision`. With `pre_images`, each change also hands them the key's old record
+    /// (see [`PreImages`]).
     ///
-    /// The caller must hold off publishers while it builds the backlog and calls this, so
-    /// that nothing falls between the two.
+    /// The caller must hold off publishers while it reads what comes before the live changes
+    /// (a snapshot's revision, a replay's end) and calls this, so that nothing falls between.
     pub fn subscribe(
         &self,
         prefix: String,
-        backlog: VecDeque<Event>,
         min_revision: u64,
-        after: u64,
+        pre_images: Option<Arc<PreImages>>,
     ) -> Result<Subscription, TooManySubscriptions> {
         let (tx, rx) = mpsc::channel(self.inner.buffer);
-        let missed = Arc::new(AtomicU64::new(0));
         let mut registry = self.lock();
         if registry.count >= self.inner.max {
             return Err(TooManySubscriptions {
                 max: self.inner.max,
             });
         }
-        let id = registry.next_id;
-        registry.next_id += 1;
         registry.count += 1;
         self.inner.active.store(registry.count, Ordering::Release);
         let subscribers = registry.by_prefix.entry(prefix.clone()).or_default();
         let new_prefix = subscribers.is_empty();
+        let shared = Arc::new(Shared {
+            missed: AtomicU64::new(0),
+            slot: AtomicUsize::new(subscribers.len()),
+            pre_images,
+        });
         subscribers.push(Subscriber {
-            id,
             tx,
-            missed: missed.clone(),
+            shared: shared.clone(),
         });
         if new_prefix {
             registry.added(&prefix);
         }
         Ok(Subscription {
-            backlog,
             rx,
             min_revision,
-            after,
-            missed,
+            shared,
             hub: self.clone(),
-            id,
             prefix,
             ended: false,
         })
@@ -365,17 +427,17 @@ impl Hub {
     /// stream ends instead of skipping a change.
     ///
     /// The caller holds the store's write lock, so changes are published one at a time in
-    /// revision order.
-    pub fn publish(&self, change: &Change) {
+    /// revision order. `old` is the key's record before the change, if it had one.
+    pub fn publish(&self, change: &Change, old: Option<&Record>) {
         if !self.is_empty() {
-            self.offer(change);
+            self.offer(change, old);
         }
         self.inner
             .published
             .store(change.revision(), Ordering::Release);
     }
 
-    fn offer(&self, change: &Change) {
+    fn offer(&self, change: &Change, old: Option<&Record>) {
         let key = change.key();
         let registry = self.lock();
         for &len in registry.lengths.keys() {
@@ -389,7 +451,7 @@ impl Hub {
                 continue;
             };
             for subscriber in subscribers {
-                subscriber.offer(change);
+                subscriber.offer(change, old);
             }
         }
     }
@@ -404,12 +466,17 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn unsubscribe(&self, prefix: &str, id: u64) {
+    fn unsubscribe(&self, prefix: &str, shared: &Arc<Shared>) {
         let mut registry = self.lock();
         let Some(subscribers) = registry.by_prefix.get_mut(prefix) else {
             return;
         };
-        subscribers.retain(|s| s.id != id);
+        let slot = shared.slot.load(Ordering::Relaxed);
+        debug_assert!(Arc::ptr_eq(&subscribers[slot].shared, shared));
+        subscribers.swap_remove(slot);
+        if let Some(moved) = subscribers.get(slot) {
+            moved.shared.slot.store(slot, Ordering::Relaxed);
+        }
         if subscribers.is_empty() {
             registry.by_prefix.remove(prefix);
             registry.removed(prefix);
@@ -420,17 +487,22 @@ impl Hub {
 }
 
 impl Subscriber {
-    fn offer(&self, change: &Change) {
-        if self.missed.load(Ordering::Relaxed) > 0 {
-            self.missed.fetch_add(1, Ordering::Relaxed);
+    fn offer(&self, change: &Change, old: Option<&Record>) {
+        let missed = &self.shared.missed;
+        if missed.load(Ordering::Relaxed) > 0 {
+            missed.fetch_add(1, Ordering::Relaxed);
             return;
         }
         match self.tx.try_send(change.clone()) {
-            Ok(()) => {}
+            Ok(()) => {
+                if let (Some(pre_images), Some(old)) = (&self.shared.pre_images, old) {
+                    pre_images.keep(old);
+                }
+            }
             // Lag policy: a change feed must not skip silently. Stop delivering; the
             // subscription sees `missed > 0` and ends its stream with how far behind it was.
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.missed.fetch_add(1, Ordering::Release);
+                missed.fetch_add(1, Ordering::Release);
             }
             // The receiver is gone; its Drop is unregistering it.
             Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -440,16 +512,13 @@ impl Subscriber {
 
 /// A live subscription: a stream of the changes to keys under its prefix.
 ///
-/// It yields its backlog, then live changes in revision order, then, if it fell behind, one
-/// [`Lagged`] error and nothing more. Dropping it unregisters it at once.
+/// It yields live changes in revision order, then, if it fell behind, one [`Lagged`] error
+/// and nothing more. Dropping it unregisters it at once.
 pub struct Subscription {
-    backlog: VecDeque<Event>,
     rx: mpsc::Receiver<Change>,
     min_revision: u64,
-    after: u64,
-    missed: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     hub: Hub,
-    id: u64,
     prefix: String,
     ended: bool,
 }
@@ -460,12 +529,6 @@ impl Subscription {
         &self.prefix
     }
 
-    /// The revision before the first change this subscription delivers: a client that
-    /// receives nothing can still resume from the next one without a gap.
-    pub fn after(&self) -> u64 {
-        self.after
-    }
-
     /// The revision up to which every matching change has been offered to this
     /// subscription. Read it *before* finding the subscription empty to know it is current
     /// up to that revision.
@@ -473,25 +536,27 @@ impl Subscription {
         self.hub.inner.published.load(Ordering::Acquire)
     }
 
-    /// Whether no event is waiting to be received: nothing is left of the backlog and no
-    /// change is queued.
+    /// Whether no change is queued.
     pub fn is_empty(&self) -> bool {
-        self.backlog.is_empty() && self.rx.is_empty()
+        self.rx.is_empty()
+    }
+
+    /// Whether it has fallen behind: its next event is the [`Lagged`] error.
+    pub fn lagged(&self) -> bool {
+        !self.ended && self.shared.missed.load(Ordering::Acquire) > 0
     }
 
     /// Waits for the next event. Cancel-safe.
-    pub async fn recv(&mut self) -> Option<Result<Event, Lagged>> {
+    pub async fn recv(&mut self) -> Option<Result<Change, Lagged>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, Lagged>>> {
+    /// Polls for the next change; see [`Subscription::recv`].
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Change, Lagged>>> {
         if self.ended {
             return Poll::Ready(None);
         }
-        if let Some(event) = self.backlog.pop_front() {
-            return Poll::Ready(Some(Ok(event)));
-        }
-        let missed = self.missed.load(Ordering::Acquire);
+        let missed = self.shared.missed.load(Ordering::Acquire);
         if missed > 0 {
             // Ends the stream at once: what was delivered is a gap-free prefix of the changes,
             // and the queued rest is worthless to a client that must resync anyway.
@@ -508,25 +573,17 @@ impl Subscription {
             match self.rx.poll_recv(cx) {
                 // A subscription that starts at a future revision skips what comes before.
                 Poll::Ready(Some(change)) if change.revision() < self.min_revision => {}
-                other => return other.map(|next| next.map(|c| Ok(Event::Change(c)))),
+                other => return other.map(|next| next.map(Ok)),
             }
         }
     }
 }
 
-impl Stream for Subscription {
-    type Item = Result<Event, Lagged>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().poll_recv(cx)
-    }
-}
-
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.unsubscribe(&self.prefix, self.id);
+        self.hub.unsubscribe(&self.prefix, &self.shared);
         // Unregistered, so no writer offers it more: the count of what it missed is final.
-        let missed = self.missed.load(Ordering::Acquire);
+        let missed = self.shared.missed.load(Ordering::Acquire);
         if missed > 0 {
             let dropped = missed + self.rx.len() as u64;
             self.hub.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
@@ -553,12 +610,12 @@ mod tests {
     }
 
     fn subscribe(hub: &Hub, prefix: &str) -> Subscription {
-        hub.subscribe(prefix.into(), VecDeque::new(), 0, 0).unwrap()
+        hub.subscribe(prefix.into(), 0, None).unwrap()
     }
 
     fn publish_all(hub: &Hub, keys: &[&str]) {
         for (i, key) in keys.iter().enumerate() {
-            hub.publish(&change(key, i as u64 + 1));
+            hub.publish(&change(key, i as u64 + 1), None);
         }
     }
 
@@ -617,7 +674,7 @@ mod tests {
         kept.extend((1000..1050).map(|i| subscribe(&hub, &format!("p/{i}/"))));
         let keys: Vec<String> = (900..1050).map(|i| format!("p/{i}/k")).collect();
         for (sub, key) in kept.iter_mut().zip(&keys) {
-            hub.publish(&change(key, 1));
+            hub.publish(&change(key, 1), None);
             assert_eq!(pending(sub), [key.as_str()]);
         }
         // A key under a prefix that is gone, or never was, reaches no one.
@@ -646,7 +703,7 @@ mod tests {
         let a = subscribe(&hub, "x");
         let _b = subscribe(&hub, "y");
         assert_eq!(
-            hub.subscribe("z".into(), VecDeque::new(), 0, 0).err(),
+            hub.subscribe("z".into(), 0, None).err(),
             Some(TooManySubscriptions { max: 2 })
         );
         drop(a);
@@ -654,15 +711,57 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_backlog_comes_first_and_a_start_revision_skips_earlier_changes() {
+    async fn a_start_revision_skips_earlier_changes() {
         let hub = Hub::new(16, 16);
-        let backlog = VecDeque::from([Event::Initial(change("a", 1)), Event::SnapshotEnd(1)]);
-        let mut sub = hub.subscribe(String::new(), backlog, 3, 2).unwrap();
-        assert_eq!(sub.after(), 2);
+        let mut sub = hub.subscribe(String::new(), 3, None).unwrap();
         publish_all(&hub, &["b", "c", "d"]);
-        assert_eq!(sub.recv().await, Some(Ok(Event::Initial(change("a", 1)))));
-        assert_eq!(sub.recv().await, Some(Ok(Event::SnapshotEnd(1))));
-        assert_eq!(sub.recv().await, Some(Ok(Event::Change(change("d", 3)))));
+        assert_eq!(sub.recv().await, Some(Ok(change("d", 3))));
+    }
+
+    /// Leaving swaps the last subscriber of the prefix into the leaver's place; whoever
+    /// leaves, in whatever order, the rest still get every change.
+    #[test]
+    fn subscribers_leaving_in_any_order_leave_the_rest_receiving() {
+        let hub = Hub::new(64, 64);
+        let mut subs: Vec<Option<Subscription>> =
+            (0..32).map(|_| Some(subscribe(&hub, "p"))).collect();
+        for leaving in [0, 31, 7, 8, 30, 1, 15] {
+            subs[leaving] = None;
+            hub.publish(&change("p/k", 1), None);
+            for sub in subs.iter_mut().flatten() {
+                assert_eq!(pending(sub), ["p/k"]);
+            }
+        }
+        assert_eq!(hub.len(), 25);
+        subs.clear();
+        assert!(hub.is_empty() && hub.lock().by_prefix.is_empty());
+    }
+
+    #[test]
+    fn pre_images_keep_the_first_old_record_of_keys_the_snapshot_has_not_reached() {
+        let hub = Hub::new(16, 16);
+        let pre_images = Arc::new(PreImages::new(2));
+        let _sub = hub
+            .subscribe(String::new(), 3, Some(pre_images.clone()))
+            .unwrap();
+        pre_images.lock().sent_up_to = Some("b".into());
+        let (a, c, c3) = (change("a", 1), change("c", 2), change("c", 3));
+        hub.publish(&change("a", 3), Some(&a.record));
+        hub.publish(&c3, Some(&c.record));
+        hub.publish(&change("c", 4), Some(&c3.record));
+        let kept: Vec<(String, u64)> = pre_images
+            .lock()
+            .before
+            .iter()
+            .map(|(key, record)| (key.to_string(), record.meta().mod_revision))
+            .collect();
+        assert_eq!(
+            kept,
+            [("c".to_string(), 2)],
+            "a was sent; c kept as at revision 2"
+        );
+        pre_images.finish();
+        assert!(pre_images.lock().before.is_empty());
     }
 
     #[tokio::test]
@@ -681,7 +780,7 @@ mod tests {
         assert_eq!(sub.recv().await, None);
         assert_eq!((hub.stats().lagged, hub.stats().dropped), (1, 0));
         // Changes offered after it ended are missed too, until it is dropped.
-        hub.publish(&change("k5", 6));
+        hub.publish(&change("k5", 6), None);
         drop(sub);
         let stats = hub.stats();
         assert_eq!((stats.open, stats.published), (0, 6));

@@ -17,6 +17,17 @@ use triomphe::ThinArc;
 /// Keys are at most this long, so their length fits beside the version in one word.
 pub const MAX_KEY_BYTES: usize = u16::MAX as usize;
 
+/// The bytes an answer is counted as holding for one key and value: their lengths and
+/// [`ANSWER_OVERHEAD`], which covers the protobuf framing and revisions around them.
+pub fn answer_bytes(key: &str, value_len: usize) -> usize {
+    key.len() + value_len + ANSWER_OVERHEAD
+}
+
+/// Framing and fixed fields counted per item of an answer (see [`answer_bytes`]); more than
+/// protobuf writes for a key-value's revisions, TTL and lengths, or for a set's or delete's
+/// result.
+pub const ANSWER_OVERHEAD: usize = 64;
+
 const VERSION_BITS: u32 = 48;
 const VERSION_MAX: u64 = (1 << VERSION_BITS) - 1;
 

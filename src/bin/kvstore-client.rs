@@ -591,10 +591,11 @@ async fn follow(
         request.key_pattern
     ));
 
-    // The first revision not yet printed (0 until a snapshot's first event): what a resumed
-    // subscription starts from. Replay, snapshot and live events all arrive in increasing
-    // revision order, so every change below it has been printed (and a snapshot cut short is
-    // completed by the history from there).
+    // The first revision not yet printed (0 until a snapshot is complete): what a resumed
+    // subscription starts from. Replay and live events arrive in increasing revision order,
+    // so every change below it has been printed. A snapshot's events come in key order and
+    // say nothing of the revisions between them; its end marker, a PROGRESS event at its
+    // revision, counts for all of them.
     let mut resume_from = request.start_revision;
     let mut backoff = Backoff::default();
     loop {
@@ -605,7 +606,7 @@ async fn follow(
                 Err(status) => break Some(status),
             };
             // Revision 0 is an old server's: it knows no revisions.
-            if event.revision > 0 {
+            if event.revision > 0 && !event.initial {
                 resume_from = resume_from.max(event.revision + 1);
             }
             backoff.delivered();
@@ -640,7 +641,7 @@ async fn follow(
                 "kvstore-client: resuming from revision {resume_from} after: {reason}"
             ));
         } else {
-            // Only a snapshot that has sent nothing yet: asking again duplicates nothing.
+            // A snapshot cut short: it starts again, and its keys are printed again.
             report(format_args!(
                 "kvstore-client: subscribing again with --initial after: {reason}"
             ));

@@ -293,10 +293,10 @@ impl BatchReply {
             // Field 1, `results`.
             put_key(buf, 1, LEN);
             match result {
-                OpResult::Get(found) => put_get(buf, found.as_ref(), self.revision),
+                OpResult::Get(found, revision) => put_get(buf, found.as_ref(), *revision),
                 other => {
                     let message = pb::BatchResult {
-                        result: Some(result_message(other, self.revision)),
+                        result: Some(result_message(other)),
                     };
                     put_varint(buf, message.encoded_len() as u64);
                     message.encode_raw(buf);
@@ -308,9 +308,11 @@ impl BatchReply {
 }
 
 /// One result as its prost message.
-fn result_message(result: &OpResult, revision: u64) -> batch_result::Result {
+fn result_message(result: &OpResult) -> batch_result::Result {
     match result {
-        OpResult::Get(found) => batch_result::Result::Get(get_response(found.clone(), revision)),
+        OpResult::Get(found, revision) => {
+            batch_result::Result::Get(get_response(found.clone(), *revision))
+        }
         OpResult::Set(revision) => batch_result::Result::Set(pb::SetResponse {
             success: true,
             // Left empty: a message per op would cost more than the op.
@@ -506,7 +508,8 @@ mod tests {
             },
         );
         prop_oneof![
-            prop::option::of(found).prop_map(OpResult::Get),
+            (prop::option::of(found), any::<u64>())
+                .prop_map(|(found, revision)| OpResult::Get(found, revision)),
             any::<u64>().prop_map(OpResult::Set),
             (any::<Option<u64>>(), any::<u64>()).prop_map(|(prev_mod_revision, revision)| {
                 OpResult::Delete(Deleted {
@@ -579,7 +582,7 @@ mod tests {
                 results: results
                     .iter()
                     .map(|result| pb::BatchResult {
-                        result: Some(result_message(result, revision)),
+                        result: Some(result_message(result)),
                     })
                     .collect(),
                 revision: wire(revision),

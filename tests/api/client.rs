@@ -875,14 +875,14 @@ async fn subscribe_initial_prints_the_current_values_then_live_changes() {
     let addr = server.grpc_addr.to_string();
     let command = kvstore_client(["--server", &addr, "subscribe", "user:", "--initial"]);
     let mut subscriber = Subscriber::start(command, "user:").await;
-    // In revision order, each key once with its current value.
-    assert_eq!(
-        subscriber.next_change().await,
-        "#3 SET user:2 = Bob (initial)"
-    );
+    // In key order, each key once with its current value.
     assert_eq!(
         subscriber.next_change().await,
         "#4 SET user:1 = Alicia (initial)"
+    );
+    assert_eq!(
+        subscriber.next_change().await,
+        "#3 SET user:2 = Bob (initial)"
     );
     // The snapshot's end, on stderr with the other notes.
     assert_eq!(subscriber.next_note().await, "at revision 4");

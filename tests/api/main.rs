@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod binaries;
+mod bounded;
 mod client;
 mod connections;
 mod faults;
