@@ -35,7 +35,7 @@ use tower_http::LatencyUnit;
 use tower_http::trace::{
     DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer,
 };
-use tracing::{Level, debug, info, warn};
+use tracing::{Level, debug, error, info, warn};
 
 use crate::auth::{self, Auth};
 use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
@@ -170,16 +170,27 @@ impl Server {
             }
             None => None,
         };
+        // Spawned: whatever drives `run` (the main thread, in kvstore-server) runs the accept
+        // loops, and the store's sweeps and growth must never hold them up.
+        let background = tokio::spawn({
+            let (store, stop) = (store.clone(), stop.clone());
+            async move { store.expire_until(stop.cancelled_owned()).await }
+        });
         let servers = async {
             let health = async {
                 if let Some(task) = health_task {
                     task.await;
                 }
             };
+            let background = async {
+                if let Err(err) = background.await {
+                    error!(error = %err, "the store's background task failed");
+                }
+            };
             tokio::join!(
                 serve(main, main_listener, stop.clone(), drain),
                 health,
-                store.expire_until(stop.cancelled()),
+                background,
             );
         };
         tokio::pin!(servers);
@@ -864,5 +875,65 @@ impl<B: Body> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// kvstore-server drives `run` on its main thread, where the accept loops run; the
+    /// store's background task, held up here by a write lock taken before `run` starts, must
+    /// not stop them from answering.
+    #[test]
+    fn a_store_task_that_waits_does_not_hold_up_the_accept_loop() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut settings = Settings::default();
+        settings.server.listen = "127.0.0.1:0".parse().unwrap();
+        settings.server.health_listen = None;
+        let server = runtime.block_on(bind(settings)).unwrap();
+        let addr = server.listen_addr();
+        let store = server.store().clone();
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _lock = store.hold_write_lock();
+            held_tx.send(()).unwrap();
+            let _ = released.recv();
+        });
+        held.recv().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let client = std::thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream
+                .write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            let read = stream.read_to_string(&mut answer);
+            // Answered or given up: let the store task and then the server go on.
+            let _ = release.send(());
+            let _ = stop.send(());
+            (read.map_err(|err| err.kind()), answer)
+        });
+        runtime
+            .block_on(server.run(async {
+                let _ = stopped.await;
+            }))
+            .unwrap();
+        holder.join().unwrap();
+        let served = client.join().unwrap();
+        assert!(
+            served.0.is_ok() && served.1.starts_with("HTTP/1.1 200"),
+            "{served:?}"
+        );
     }
 }
