@@ -183,10 +183,15 @@ pub enum Limit {
     MaxHeaderBytes,
     /// `rate_limit.per_client`: a client was over its rate.
     RatePerClient,
+    /// `server.request_body_timeout`: a gRPC request message did not arrive in time.
+    RequestBodyTimeout,
+    /// `server.max_request_bytes_in_flight`: a gRPC request message would have taken more
+    /// than what was left of the budget of bytes still arriving.
+    MaxRequestBytesInFlight,
 }
 
 impl Limit {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 11] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -196,6 +201,8 @@ impl Limit {
         Self::MaxConnections,
         Self::MaxHeaderBytes,
         Self::RatePerClient,
+        Self::RequestBodyTimeout,
+        Self::MaxRequestBytesInFlight,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -210,6 +217,8 @@ impl Limit {
             Self::MaxConnections => "server.max_connections",
             Self::MaxHeaderBytes => "server.max_header_bytes",
             Self::RatePerClient => "rate_limit.per_client",
+            Self::RequestBodyTimeout => "server.request_body_timeout",
+            Self::MaxRequestBytesInFlight => "server.max_request_bytes_in_flight",
         }
     }
 }
