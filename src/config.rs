@@ -68,8 +68,17 @@ pub struct ServerSettings {
     /// The longest a unary gRPC call may take; streams are not cut by it.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Unary gRPC calls handled at once; more are refused with `RESOURCE_EXHAUSTED`.
+    /// Unary gRPC calls handled at once; more are refused with `RESOURCE_EXHAUSTED`. A call
+    /// counts from when its request message has arrived.
     pub max_in_flight: usize,
+    /// The longest a gRPC request message may take to arrive, from the call's headers (for
+    /// a streaming request, from each message's first byte); a call whose message is late is
+    /// answered `DEADLINE_EXCEEDED`.
+    #[serde(with = "humantime_serde")]
+    pub request_body_timeout: Duration,
+    /// Bytes of gRPC request messages still arriving, on every connection together; a call
+    /// whose message would take more is refused with `RESOURCE_EXHAUSTED`.
+    pub max_request_bytes_in_flight: usize,
     /// Connections open at once on each listener; more are accepted, told why and closed at
     /// once.
     pub max_connections: usize,
@@ -251,6 +260,8 @@ impl Default for Settings {
                 health_listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
                 request_timeout: Duration::from_secs(10),
                 max_in_flight: 1024,
+                request_body_timeout: Duration::from_secs(5),
+                max_request_bytes_in_flight: 64 * 1024 * 1024,
                 max_connections: 10_000,
                 max_streams_per_connection: 200,
                 max_header_bytes: 16 * 1024,
@@ -561,7 +572,24 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             ),
         ));
     }
+    let largest =
+        crate::grpc::max_message_bytes(&settings.limits) + crate::request_body::PREFIX_BYTES;
+    if settings.server.max_request_bytes_in_flight < largest {
+        return Err(invalid(
+            figment,
+            "server.max_request_bytes_in_flight",
+            &format!(
+                "must be at least {largest}, the largest KeyValueStore request (from limits.max_key_bytes, \
+                 limits.max_value_bytes and limits.max_batch_bytes), got {}",
+                settings.server.max_request_bytes_in_flight
+            ),
+        ));
+    }
     let positive = [
+        (
+            "server.request_body_timeout",
+            settings.server.request_body_timeout,
+        ),
         (
             "server.handshake_timeout",
             settings.server.handshake_timeout,
@@ -1015,6 +1043,16 @@ mod tests {
                 (
                     with_file("[server]\nhandshake_timeout = \"0s\"\n")?,
                     "server.handshake_timeout",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nrequest_body_timeout = \"0s\"\n")?,
+                    "server.request_body_timeout must be longer than 0s",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_request_bytes_in_flight = 4194304\n")?,
+                    "server.max_request_bytes_in_flight must be at least 4194309",
                     "bad.toml",
                 ),
                 (

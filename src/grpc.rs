@@ -80,8 +80,7 @@ impl KvService {
     /// limit, and a far larger message gets tonic's `OUT_OF_RANGE` rather than a dropped
     /// connection.
     pub fn into_server(self) -> KeyValueStoreServer<Self> {
-        let one_set = self.limits.max_key_bytes + self.limits.max_value_bytes + MESSAGE_OVERHEAD;
-        let max = one_set.max(self.limits.max_batch_bytes);
+        let max = max_message_bytes(&self.limits);
         // A backstop: the store already keeps every answer within max_response_bytes.
         let max_answer = self.limits.max_response_bytes + MESSAGE_OVERHEAD;
         KeyValueStoreServer::new(self)
@@ -111,6 +110,12 @@ impl KvService {
         }
         Ok(())
     }
+}
+
+/// The largest request message the service decodes, under `limits`: one set, or a batch.
+pub fn max_message_bytes(limits: &Limits) -> usize {
+    let one_set = limits.max_key_bytes + limits.max_value_bytes + MESSAGE_OVERHEAD;
+    one_set.max(limits.max_batch_bytes)
 }
 
 impl KvService {

@@ -13,6 +13,8 @@
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
 //! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes;
 //!   the header limit in front of every route.
+//! - [`request_body`]: every gRPC request message held to a size, a time to arrive and one
+//!   budget of bytes still arriving; single-message calls read whole before the guard.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
@@ -36,6 +38,7 @@ pub mod middleware;
 pub mod pubsub;
 pub mod rate_limit;
 pub mod record;
+pub mod request_body;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -186,10 +186,15 @@ pub enum Limit {
     MaxHeaderBytes,
     /// `rate_limit.per_client`: a client was over its rate.
     RatePerClient,
+    /// `server.request_body_timeout`: a gRPC request message did not arrive in time.
+    RequestBodyTimeout,
+    /// `server.max_request_bytes_in_flight`: a gRPC request message would have taken more
+    /// than what was left of the budget of bytes still arriving.
+    MaxRequestBytesInFlight,
 }
 
 impl Limit {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 12] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -200,6 +205,8 @@ impl Limit {
         Self::MaxConnections,
         Self::MaxHeaderBytes,
         Self::RatePerClient,
+        Self::RequestBodyTimeout,
+        Self::MaxRequestBytesInFlight,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -215,6 +222,8 @@ impl Limit {
             Self::MaxConnections => "server.max_connections",
             Self::MaxHeaderBytes => "server.max_header_bytes",
             Self::RatePerClient => "rate_limit.per_client",
+            Self::RequestBodyTimeout => "server.request_body_timeout",
+            Self::MaxRequestBytesInFlight => "server.max_request_bytes_in_flight",
         }
     }
 }

@@ -17,7 +17,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::Request;
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pin_project_lite::pin_project;
@@ -143,7 +142,8 @@ impl<S> Layer<S> for Guard {
 
 /// A service behind the guard.
 ///
-/// The call's place in the guard and its deadline cover it until its response headers. A
+/// The call's place in the guard and its deadline cover it from when its request message
+/// has arrived (`request_body` reads it first) until its response headers. A
 /// unary call answers with its headers, so it is covered whole; a Subscribe stream answers
 /// as soon as it is registered, so a long-lived stream holds no place and is never cut.
 #[derive(Clone)]
@@ -152,9 +152,9 @@ pub struct Guarded<S> {
     inner: S,
 }
 
-impl<S> Service<Request> for Guarded<S>
+impl<S, B> Service<http::Request<B>> for Guarded<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    S: Service<http::Request<B>, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
@@ -164,7 +164,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let shared = &self.guard.0;
         let admitted = match self.guard.enter() {
             Ok(admitted) => admitted,
@@ -420,7 +420,7 @@ where
 }
 
 /// The client's deadline from the `grpc-timeout` header: digits and a unit (H, M, S, m, u, n).
-fn client_timeout(request: &Request) -> Option<Duration> {
+fn client_timeout<B>(request: &http::Request<B>) -> Option<Duration> {
     let value = request.headers().get(&GRPC_TIMEOUT)?.to_str().ok()?;
     parse_grpc_timeout(value)
 }
@@ -452,6 +452,7 @@ mod tests {
     use super::*;
     use axum::Router;
     use axum::body::Body;
+    use axum::extract::Request;
     use axum::routing::post;
     use std::sync::Arc;
     use std::task::Poll;

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tonic::service::Routes;
+use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tower::{Layer as _, Service, ServiceBuilder};
 use tower_http::LatencyUnit;
@@ -39,13 +39,14 @@ use tracing::{Level, debug, error, info, warn};
 
 use crate::auth::{self, Auth};
 use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
-use crate::grpc::KvService;
+use crate::grpc::{self, KvService};
 use crate::http;
 use crate::metrics::{self, Connections, Exporter, Limit, Metrics, Rpc, RpcLayer};
 use crate::middleware::{Guard, HeaderLimit, HeaderLimited};
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
+use crate::request_body::RequestBodies;
 use crate::store::Store;
 use crate::tls;
 
@@ -138,6 +139,11 @@ impl Server {
         let exporter = Exporter::new(metrics.clone(), store.clone(), guard.clone());
         let layers = Layers {
             guard,
+            bodies: RequestBodies::new(
+                settings.server.max_request_bytes_in_flight,
+                settings.server.request_body_timeout,
+                metrics.clone(),
+            ),
             exporter,
             access: Access::new(&settings, metrics.clone())?,
         };
@@ -256,9 +262,15 @@ fn main_router(
     let kv =
         KvService::new(store, settings.limits, end_streams.clone(), metrics.clone()).into_server();
     // The layers go on the service, not on the router: each `Router::layer` boxes every
-    // route again, and a box is an allocation and a clone per call.
+    // route again, and a box is an allocation and a clone per call. The message is read
+    // before the guard, so a call whose message never comes holds no place in it.
     let kv = ServiceBuilder::new()
         .layer(RpcLayer::new(metrics))
+        .layer(
+            layers
+                .bodies
+                .whole(grpc::max_message_bytes(&settings.limits)),
+        )
         .layer(guard)
         .map_response(IntoResponse::into_response)
         .service(kv);
@@ -278,11 +290,16 @@ fn main_router(
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let support = Routes::new(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .into_axum_router()
-        .reset_fallback();
+    // Held to the same timeout and budget as the KV service, with their own message sizes.
+    let health = ServiceBuilder::new()
+        .layer(layers.bodies.whole(HEALTH_MESSAGE_BYTES))
+        .map_response(IntoResponse::into_response);
+    let reflection_messages = layers.bodies.streaming(REFLECTION_MESSAGE_BYTES);
+    let (v1, v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+    let support = Router::new()
+        .route_service(&grpc_path(&health_service), health.service(health_service))
+        .route_service(&grpc_path(&v1), reflection_messages.layer(v1))
+        .route_service(&grpc_path(&v1alpha), reflection_messages.layer(v1alpha));
 
     let grpc_trace = TraceLayer::new_for_grpc()
         .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
@@ -304,9 +321,22 @@ fn main_router(
     Ok(layers.access.guard(app).with_state(()))
 }
 
-/// What wraps the routes: the KV guard, the metrics exporter, and access control.
+/// The largest gRPC health request: a service name.
+const HEALTH_MESSAGE_BYTES: usize = 1024;
+
+/// The largest gRPC reflection request: a host, and a file or symbol name.
+const REFLECTION_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// The route of every method of the gRPC service `service`, as tonic's `Routes` would add it.
+fn grpc_path<S: NamedService>(_service: &S) -> String {
+    format!("/{}/{{*method}}", S::NAME)
+}
+
+/// What wraps the routes: the KV guard, the request bodies' budget, the metrics exporter,
+/// and access control.
 struct Layers {
     guard: Guard,
+    bodies: RequestBodies,
     exporter: Exporter,
     access: Access,
 }

@@ -10,6 +10,7 @@ mod connections;
 mod faults;
 mod health;
 mod helpers;
+mod hostile;
 mod kv;
 mod load;
 mod metrics;

@@ -46,7 +46,7 @@ impl Scrape {
         ))
     }
 
-    fn refusals(&self, limit: &str) -> f64 {
+    pub(crate) fn refusals(&self, limit: &str) -> f64 {
         self.get(&format!(
             "kvstore_limit_refusals_total{{limit=\"{limit}\"}}"
         ))
