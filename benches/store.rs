@@ -141,7 +141,10 @@ fn list_prefix(c: &mut Criterion) {
     let (store, _) = filled(0, LIST_MAP);
     // key:000000123000 to key:000000123999.
     let prefix = "key:000000123";
-    assert_eq!(store.list(prefix, "", LIST_PAGE, usize::MAX).items.len(), LIST_PAGE);
+    assert_eq!(
+        store.list(prefix, "", LIST_PAGE, usize::MAX).items.len(),
+        LIST_PAGE
+    );
     let mut group = c.benchmark_group("list");
     group.throughput(Throughput::Elements(LIST_PAGE as u64));
     group.bench_function("1000_of_1000000", |b| {

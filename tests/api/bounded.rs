@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 
 use kvstore::pb::batch_op::Op;
 use kvstore::pb::batch_result::Result as R;
-use kvstore::pb::{BatchOp, BatchRequest, GetRequest, ListRequest, SetRequest};
+use kvstore::pb::key_value_store_client::KeyValueStoreClient;
+use kvstore::pb::{BatchOp, BatchRequest, GetRequest, ListRequest, SetRequest, SubscribeRequest};
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::helpers::{spawn_server, spawn_with, test_settings};
 
@@ -263,6 +265,125 @@ async fn hostile_callers_asking_for_huge_answers_get_errors_or_short_pages_and_r
         answered.1,
         (peak - baseline) / MIB,
         bound / MIB
+    );
+    server.shutdown().await;
+}
+
+/// A client that reads slowly: HTTP/2 windows of 64 KiB (hyper's own are 2 MiB a stream).
+async fn slow_reader(server: &crate::helpers::TestServer) -> KeyValueStoreClient<Channel> {
+    let channel = Channel::from_shared(server.grpc_url())
+        .unwrap()
+        .initial_stream_window_size(64 * 1024)
+        .initial_connection_window_size(64 * 1024 * 64)
+        .connect()
+        .await
+        .unwrap();
+    KeyValueStoreClient::new(channel)
+}
+
+/// Unread snapshots of 200,000 keys each hold a page and what HTTP/2 lets the server send
+/// ahead (h2 buffers up to 400 KiB a stream), not a copy of the prefix: before they were
+/// paged, each copied it (6.4 MB a stream at this size, 320 MB for the fifty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_snapshots_of_a_large_prefix_hold_a_page_each_not_the_prefix() {
+    if !cfg!(target_os = "linux") {
+        eprintln!("SKIPPED: reads RSS from /proc");
+        return;
+    }
+    let mut settings = test_settings();
+    settings.subscriptions.max = 200;
+    let server = spawn_with(settings).await;
+    for i in 0..200_000 {
+        server
+            .store
+            .set(
+                format!("k/{i:06}"),
+                "v".into(),
+                kvstore::store::SetOptions::default(),
+            )
+            .unwrap();
+    }
+    let baseline = rss();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut client = slow_reader(&server).await;
+        for _ in 0..25 {
+            let request = SubscribeRequest {
+                key_pattern: "k/".into(),
+                initial: true,
+                ..SubscribeRequest::default()
+            };
+            let mut stream = client.subscribe(request).await.unwrap().into_inner();
+            // One message read: the snapshot has begun, and the rest is left unread.
+            let first = stream.message().await.unwrap().unwrap();
+            assert!(first.initial && first.key == "k/000000", "{first:?}");
+            streams.push(stream);
+        }
+    }
+    let grown = rss().saturating_sub(baseline);
+    assert!(
+        grown < 64 * MIB,
+        "50 unread snapshots grew RSS by {} MiB",
+        grown / MIB
+    );
+    drop(streams);
+    server.shutdown().await;
+}
+
+/// A snapshot cut short by its queue filling up says so: the client asks for one again.
+#[tokio::test]
+async fn a_snapshot_cut_short_by_lag_says_to_subscribe_again_with_initial() {
+    let mut settings = test_settings();
+    settings.subscriptions.buffer = 4;
+    let server = spawn_with(settings).await;
+    let value = "v".repeat(1024);
+    for i in 0..2_000 {
+        server
+            .store
+            .set(
+                format!("s/{i:04}"),
+                value.clone(),
+                kvstore::store::SetOptions::default(),
+            )
+            .unwrap();
+    }
+    let mut client = slow_reader(&server).await;
+    let request = SubscribeRequest {
+        key_pattern: "s/".into(),
+        initial: true,
+        ..SubscribeRequest::default()
+    };
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().unwrap().initial);
+    // The client's window and h2's send buffer hold the server back long before 2 MB of
+    // snapshot, so these five changes find the four places of its queue full.
+    for i in 0..5 {
+        server
+            .store
+            .set(
+                format!("s/{i:04}"),
+                "new".into(),
+                kvstore::store::SetOptions::default(),
+            )
+            .unwrap();
+    }
+    let mut initial = 1;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                assert!(event.initial, "no end marker after a lag: {event:?}");
+                initial += 1;
+                assert!(initial < 2_000, "the whole snapshot came through");
+            }
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("subscribe again with initial"),
+        "{}",
+        status.message()
     );
     server.shutdown().await;
 }
