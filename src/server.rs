@@ -32,9 +32,7 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tower::{Layer as _, Service, ServiceBuilder};
 use tower_http::LatencyUnit;
-use tower_http::trace::{
-    DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer,
-};
+use tower_http::trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::{Level, debug, info, warn};
 
 use crate::auth::{self, Auth};
@@ -47,6 +45,7 @@ use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
 use crate::store::Store;
+use crate::telemetry::Escaped;
 use crate::tls;
 
 /// A server whose listeners are bound (so their addresses are known, even for port 0) but
@@ -274,14 +273,14 @@ fn main_router(
         .reset_fallback();
 
     let grpc_trace = TraceLayer::new_for_grpc()
-        .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+        .make_span_with(request_span)
         .on_response(
             DefaultOnResponse::new()
                 .level(Level::DEBUG)
                 .latency_unit(LatencyUnit::Micros),
         )
         .on_eos(DefaultOnEos::new().level(Level::DEBUG))
-        .on_failure(DefaultOnFailure::new().level(Level::WARN));
+        .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
     // The KV service logs each call from its metrics layer; a tower-http span per call
     // cost about 8% of a unary call's instructions.
     let grpc = kv.merge(support.layer(grpc_trace));
@@ -291,6 +290,19 @@ fn main_router(
     // Resolves the routes once, instead of for every request (axum's "note about
     // performance").
     Ok(layers.access.guard(app).with_state(()))
+}
+
+/// The span of a request to the health, reflection and HTTP routes. Everything they log is a
+/// client's doing (an unknown method or service, a 503 while draining, a 404), so it is all
+/// at debug: a client must not be able to fill the log at info. The path is the client's
+/// text, escaped and cut (see [`Escaped`]); the query is left out.
+fn request_span<B>(request: &::http::Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        path = %Escaped(request.uri().path()),
+        version = ?request.version(),
+    )
 }
 
 /// What wraps the routes: the KV guard, the metrics exporter, and access control.
@@ -338,12 +350,13 @@ impl Access {
 fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exporter) -> Router {
     let max_body = settings.limits.max_http_body_bytes;
     let trace = TraceLayer::new_for_http()
-        .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+        .make_span_with(request_span)
         .on_response(
             DefaultOnResponse::new()
                 .level(Level::DEBUG)
                 .latency_unit(LatencyUnit::Micros),
-        );
+        )
+        .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
     http::router(draining.clone())
         .merge(metrics::router(exporter.clone()))
         .layer(trace)

@@ -11,6 +11,7 @@ mod health;
 mod helpers;
 mod kv;
 mod load;
+mod logs;
 mod metrics;
 mod proxy;
 mod rate_limit;
