@@ -14,6 +14,8 @@
 //! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes;
 //!   the header limit in front of every route.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
+//! - [`browser`]: what keeps web pages out: gRPC only as gRPC, the Host check of the HTTP
+//!   routes (`server.allowed_hosts`).
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
 //!   the accept loop and its connection limits.
@@ -24,6 +26,7 @@
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
 pub mod auth;
+pub mod browser;
 pub mod codec;
 pub mod config;
 pub mod endpoint;

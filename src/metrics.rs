@@ -184,10 +184,13 @@ pub enum Limit {
     MaxHeaderBytes,
     /// `rate_limit.per_client`: a client was over its rate.
     RatePerClient,
+    /// `server.allowed_hosts`: an HTTP route that reads data was asked for by a name that
+    /// is not allowed (DNS rebinding).
+    AllowedHosts,
 }
 
 impl Limit {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -197,6 +200,7 @@ impl Limit {
         Self::MaxConnections,
         Self::MaxHeaderBytes,
         Self::RatePerClient,
+        Self::AllowedHosts,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -211,6 +215,7 @@ impl Limit {
             Self::MaxConnections => "server.max_connections",
             Self::MaxHeaderBytes => "server.max_header_bytes",
             Self::RatePerClient => "rate_limit.per_client",
+            Self::AllowedHosts => "server.allowed_hosts",
         }
     }
 }
@@ -528,6 +533,13 @@ pub struct RpcBody {
     // unregisters its subscription, so whoever sees it gone sees it counted.
     call: Option<Call>,
     inner: Body,
+}
+
+/// A body that is no call's: an answer given before the service was reached.
+impl From<Body> for RpcBody {
+    fn from(inner: Body) -> Self {
+        Self { call: None, inner }
+    }
 }
 
 impl hyper::body::Body for RpcBody {

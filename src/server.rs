@@ -36,6 +36,7 @@ use tower_http::trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, Trace
 use tracing::{Level, debug, info, warn};
 
 use crate::auth::{self, Auth};
+use crate::browser::{self, AllowedHosts, GrpcOnly};
 use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::KvService;
 use crate::http;
@@ -139,6 +140,8 @@ impl Server {
             guard,
             exporter,
             access: Access::new(&settings, metrics.clone())?,
+            hosts: AllowedHosts::new(&settings.server.allowed_hosts)
+                .map_err(|problem| anyhow::anyhow!("server.allowed_hosts {problem}"))?,
         };
         let app = main_router(
             &settings,
@@ -160,10 +163,9 @@ impl Server {
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
-                let routes =
-                    layers
-                        .access
-                        .guard(http_router(&draining, &settings, &layers.exporter));
+                let routes = layers
+                    .access
+                    .guard(http_router(&draining, &settings, &layers));
                 let routes = Listener::new("health", routes, None, &settings.server, &metrics);
                 Some(serve(listener, routes, stop.clone(), drain))
             }
@@ -226,8 +228,9 @@ impl Server {
 /// gRPC (the KV service, health, reflection v1 and v1alpha) and the HTTP routes on one
 /// router. Only the KV service is guarded, so health checks and reflection answer while KV
 /// calls are shed. Its metrics layer sits outside the guard, so calls the guard refuses are
-/// counted (and logged) too; health and reflection calls are traced by tower-http. Authentication and the rate limit
-/// cover the whole router and decide by path.
+/// counted (and logged) too; health and reflection calls are traced by tower-http. Every
+/// gRPC service refuses what is not gRPC over HTTP/2 ([`GrpcOnly`]), so a web page cannot
+/// call it. Authentication and the rate limit cover the whole router and decide by path.
 fn main_router(
     settings: &Settings,
     store: Store,
@@ -244,8 +247,10 @@ fn main_router(
     let kv =
         KvService::new(store, settings.limits, end_streams.clone(), metrics.clone()).into_server();
     // The layers go on the service, not on the router: each `Router::layer` boxes every
-    // route again, and a box is an allocation and a clone per call.
+    // route again, and a box is an allocation and a clone per call. What is not gRPC is
+    // refused before it counts as a call.
     let kv = ServiceBuilder::new()
+        .layer(GrpcOnly)
         .layer(RpcLayer::new(metrics))
         .layer(guard)
         .map_response(IntoResponse::into_response)
@@ -270,7 +275,8 @@ fn main_router(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .into_axum_router()
-        .reset_fallback();
+        .reset_fallback()
+        .layer(GrpcOnly);
 
     let grpc_trace = TraceLayer::new_for_grpc()
         .make_span_with(request_span)
@@ -284,7 +290,7 @@ fn main_router(
     // The KV service logs each call from its metrics layer; a tower-http span per call
     // cost about 8% of a unary call's instructions.
     let grpc = kv.merge(support.layer(grpc_trace));
-    let app = http_router(draining, settings, &layers.exporter)
+    let app = http_router(draining, settings, layers)
         .merge(grpc)
         .fallback(http::fallback);
     // Resolves the routes once, instead of for every request (axum's "note about
@@ -305,11 +311,13 @@ fn request_span<B>(request: &::http::Request<B>) -> tracing::Span {
     )
 }
 
-/// What wraps the routes: the KV guard, the metrics exporter, and access control.
+/// What wraps the routes: the KV guard, the metrics exporter, access control, and the Host
+/// check of the HTTP routes that read data.
 struct Layers {
     guard: Guard,
     exporter: Exporter,
     access: Access,
+    hosts: AllowedHosts,
 }
 
 /// Authentication and the per-client rate limit, each present only when configured.
@@ -346,8 +354,8 @@ impl Access {
 }
 
 /// The plain HTTP routes, with their body limit (gRPC messages have tonic's), and
-/// `/metrics`.
-fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exporter) -> Router {
+/// `/metrics`, which alone reads data and so checks the Host (health checks answer any).
+fn http_router(draining: &CancellationToken, settings: &Settings, layers: &Layers) -> Router {
     let max_body = settings.limits.max_http_body_bytes;
     let trace = TraceLayer::new_for_http()
         .make_span_with(request_span)
@@ -358,7 +366,11 @@ fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exp
         )
         .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
     http::router(draining.clone())
-        .merge(metrics::router(exporter.clone()))
+        .merge(browser::check_host(
+            metrics::router(layers.exporter.clone()),
+            layers.hosts.clone(),
+            layers.exporter.metrics(),
+        ))
         .layer(trace)
         .fallback(http::fallback)
         .layer(DefaultBodyLimit::max(max_body))

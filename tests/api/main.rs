@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod binaries;
+mod browser;
 mod client;
 mod connections;
 mod faults;
