@@ -760,7 +760,10 @@ impl<'de> Deserialize<'de> for OptionalAddr {
 /// variable's value; `""` is the empty list).
 fn names<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
-    #[serde(untagged)]
+    #[serde(
+        untagged,
+        expecting = "a list of names, or one string of comma-separated names"
+    )]
     enum Names {
         List(Vec<String>),
         Commas(String),
@@ -1031,6 +1034,11 @@ mod tests {
                 (
                     with_file("[server]\nmax_connections = 0\n")?,
                     "server.max_connections",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nallowed_hosts = 5\n")?,
+                    "server.allowed_hosts: a list of names, or one string of comma-separated names",
                     "bad.toml",
                 ),
                 (
