@@ -100,6 +100,12 @@ pub struct ServerSettings {
     /// How long a PING may go unanswered before the connection is closed.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Host names the HTTP routes that read data (`/metrics`) answer to, besides IP
+    /// addresses and loopback names: `kvstore-1`, `.example.org` for a domain and the names
+    /// under it, or `*` for any. Any other `Host` gets 403 (against DNS rebinding). A list,
+    /// or one comma-separated string (handy in an environment variable).
+    #[serde(deserialize_with = "names")]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[limits]`: size limits of keys and values, in bytes.
@@ -269,6 +275,7 @@ impl Default for Settings {
                 idle_timeout: Duration::from_secs(5 * 60),
                 keepalive_interval: Duration::from_secs(30),
                 keepalive_timeout: Duration::from_secs(20),
+                allowed_hosts: Vec::new(),
             },
             limits: Limits {
                 max_key_bytes: 4096,
@@ -619,6 +626,9 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if let Err(problem) = crate::browser::AllowedHosts::new(&settings.server.allowed_hosts) {
+        return Err(invalid(figment, "server.allowed_hosts", &problem));
+    }
     if let Err(err) = crate::telemetry::filter_directives(&settings.log.level) {
         return Err(invalid(figment, "log.level", &err));
     }
@@ -791,6 +801,29 @@ impl<'de> Deserialize<'de> for OptionalAddr {
             )
         })
     }
+}
+
+/// A list of names: a sequence, or one string of comma-separated names (an environment
+/// variable's value; `""` is the empty list).
+fn names<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(
+        untagged,
+        expecting = "a list of names, or one string of comma-separated names"
+    )]
+    enum Names {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(match Names::deserialize(deserializer)? {
+        Names::List(names) => names,
+        Names::Commas(names) => names
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
 }
 
 mod optional_addr {
@@ -1061,6 +1094,16 @@ mod tests {
                     "bad.toml",
                 ),
                 (
+                    with_file("[server]\nallowed_hosts = 5\n")?,
+                    "server.allowed_hosts: a list of names, or one string of comma-separated names",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nallowed_hosts = [\"kvstore-1:8080\"]\n")?,
+                    "server.allowed_hosts entry \"kvstore-1:8080\" must be a host name",
+                    "bad.toml",
+                ),
+                (
                     with_file("[tls]\ncert = \"nowhere.pem\"\nkey = \"nowhere.key\"\n")?,
                     "tls.cert cannot read nowhere.pem",
                     "bad.toml",
@@ -1181,6 +1224,7 @@ mod tests {
             );
             jail.set_env("KVSTORE_AUTH__PROTECT_REFLECTION", "false");
             jail.set_env("KVSTORE_RATE_LIMIT__PER_CLIENT", "50");
+            jail.set_env("KVSTORE_SERVER__ALLOWED_HOSTS", "kvstore-1, .example.org");
             jail.set_env("KVSTORE_LIMITS__MAX_HTTP_BODY_BYTES", "10");
             let loaded = load_in(jail, Flags::default()).unwrap();
             assert!(loaded.ignored_env.is_empty(), "{:?}", loaded.ignored_env);
@@ -1189,6 +1233,7 @@ mod tests {
             assert_eq!(s.auth.tokens[0].role, Role::Read);
             assert_eq!(crate::auth::Keyring::load(&s.auth).unwrap().len(), 3);
             assert_eq!(s.rate_limit.per_client, 50);
+            assert_eq!(s.server.allowed_hosts, ["kvstore-1", ".example.org"]);
             assert_eq!(s.limits.max_http_body_bytes, 10);
             Ok(())
         });

@@ -16,6 +16,8 @@
 //! - [`request_body`]: every gRPC request message held to a size, a time to arrive and one
 //!   budget of bytes still arriving; single-message calls read whole before the guard.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
+//! - [`browser`]: what keeps web pages out: gRPC only as gRPC, the Host check of the HTTP
+//!   routes (`server.allowed_hosts`).
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
 //!   the accept loop and its connection limits.
@@ -26,6 +28,7 @@
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
 pub mod auth;
+pub mod browser;
 pub mod codec;
 pub mod config;
 pub mod endpoint;

@@ -7,8 +7,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +35,7 @@ use crate::http::GRPC_STATUS;
 use crate::middleware::Guard;
 use crate::pb::key_value_store_server::SERVICE_NAME;
 use crate::store::Store;
+use crate::telemetry::Sampler;
 
 /// The `Content-Type` of the OpenMetrics text format, served to scrapers that ask for it.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -191,10 +192,13 @@ pub enum Limit {
     /// `server.max_request_bytes_in_flight`: a gRPC request message would have taken more
     /// than what was left of the budget of bytes still arriving.
     MaxRequestBytesInFlight,
+    /// `server.allowed_hosts`: an HTTP route that reads data was asked for by a name that
+    /// is not allowed (DNS rebinding).
+    AllowedHosts,
 }
 
 impl Limit {
-    const ALL: [Self; 12] = [
+    const ALL: [Self; 13] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -207,6 +211,7 @@ impl Limit {
         Self::RatePerClient,
         Self::RequestBodyTimeout,
         Self::MaxRequestBytesInFlight,
+        Self::AllowedHosts,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -224,6 +229,7 @@ impl Limit {
             Self::RatePerClient => "rate_limit.per_client",
             Self::RequestBodyTimeout => "server.request_body_timeout",
             Self::MaxRequestBytesInFlight => "server.max_request_bytes_in_flight",
+            Self::AllowedHosts => "server.allowed_hosts",
         }
     }
 }
@@ -500,17 +506,36 @@ impl Drop for Call {
     }
 }
 
+/// How often, at most, failed calls are logged at warn.
+const FAILURE_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Failed calls since the last warning, for the whole process.
+static FAILURES: LazyLock<Sampler> = LazyLock::new(|| Sampler::new(FAILURE_WARNING_EVERY));
+
 /// Logs a call's outcome. This replaces a per-request span: creating one and recording its
 /// fields cost about 8% of a unary call's instructions, for context no handler logs into.
-/// Codes that mean the server failed are warnings; the rest (a missing key, a bad argument,
-/// a refused token, a shed call, a stream ended by shutdown) are a client's business or are
-/// counted in the metrics, and are logged at debug.
+/// Codes that can mean the server failed (`UNKNOWN`, `INTERNAL`, `DATA_LOSS`) warn, but a
+/// client causes them too (a message that does not decode is `INTERNAL`), as often as it
+/// likes: so at most one warning per [`FAILURE_WARNING_EVERY`], saying how many failed calls
+/// it stands for; each is at debug, and all are counted in the metrics. The rest (a missing
+/// key, a bad argument, a refused token, a shed call, a stream ended by shutdown) are a
+/// client's business or are counted in the metrics, and are logged at debug.
 fn log_call(rpc: Rpc, code: u8, elapsed: Duration) {
     let method = rpc.name();
     let code_name = CODES[usize::from(code)];
     let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-    if matches!(code, UNKNOWN | INTERNAL | DATA_LOSS) {
-        tracing::warn!(method, code = code_name, latency_us, "call failed");
+    if matches!(code, UNKNOWN | INTERNAL | DATA_LOSS)
+        && let Some(more) = FAILURES.sample()
+    {
+        let every = humantime::format_duration(FAILURES.every());
+        tracing::warn!(
+            method,
+            code = code_name,
+            latency_us,
+            more,
+            "call failed (and {more} more failed calls, logged at debug, since the last such \
+             warning; at most one every {every})"
+        );
     } else {
         tracing::debug!(method, code = code_name, latency_us, "call finished");
     }
@@ -522,6 +547,13 @@ pub struct RpcBody {
     // unregisters its subscription, so whoever sees it gone sees it counted.
     call: Option<Call>,
     inner: Body,
+}
+
+/// A body that is no call's: an answer given before the service was reached.
+impl From<Body> for RpcBody {
+    fn from(inner: Body) -> Self {
+        Self { call: None, inner }
+    }
 }
 
 impl hyper::body::Body for RpcBody {

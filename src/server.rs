@@ -32,12 +32,11 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tower::{Layer as _, Service, ServiceBuilder};
 use tower_http::LatencyUnit;
-use tower_http::trace::{
-    DefaultMakeSpan, DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer,
-};
+use tower_http::trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::{Level, debug, error, info, warn};
 
 use crate::auth::{self, Auth};
+use crate::browser::{self, AllowedHosts, GrpcOnly};
 use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::{self, KvService};
 use crate::http;
@@ -48,6 +47,7 @@ use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
 use crate::request_body::RequestBodies;
 use crate::store::Store;
+use crate::telemetry::Escaped;
 use crate::tls;
 
 /// A server whose listeners are bound (so their addresses are known, even for port 0) but
@@ -146,6 +146,8 @@ impl Server {
             ),
             exporter,
             access: Access::new(&settings, metrics.clone())?,
+            hosts: AllowedHosts::new(&settings.server.allowed_hosts)
+                .map_err(|problem| anyhow::anyhow!("server.allowed_hosts {problem}"))?,
         };
         let app = main_router(
             &settings,
@@ -167,10 +169,9 @@ impl Server {
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
-                let routes =
-                    layers
-                        .access
-                        .guard(http_router(&draining, &settings, &layers.exporter));
+                let routes = layers
+                    .access
+                    .guard(http_router(&draining, &settings, &layers));
                 let routes = Listener::new("health", routes, None, &settings.server, &metrics);
                 Some(serve(listener, routes, stop.clone(), drain))
             }
@@ -244,8 +245,9 @@ impl Server {
 /// gRPC (the KV service, health, reflection v1 and v1alpha) and the HTTP routes on one
 /// router. Only the KV service is guarded, so health checks and reflection answer while KV
 /// calls are shed. Its metrics layer sits outside the guard, so calls the guard refuses are
-/// counted (and logged) too; health and reflection calls are traced by tower-http. Authentication and the rate limit
-/// cover the whole router and decide by path.
+/// counted (and logged) too; health and reflection calls are traced by tower-http. Every
+/// gRPC service refuses what is not gRPC over HTTP/2 ([`GrpcOnly`]), so a web page cannot
+/// call it. Authentication and the rate limit cover the whole router and decide by path.
 fn main_router(
     settings: &Settings,
     store: Store,
@@ -262,9 +264,11 @@ fn main_router(
     let kv =
         KvService::new(store, settings.limits, end_streams.clone(), metrics.clone()).into_server();
     // The layers go on the service, not on the router: each `Router::layer` boxes every
-    // route again, and a box is an allocation and a clone per call. The message is read
-    // before the guard, so a call whose message never comes holds no place in it.
+    // route again, and a box is an allocation and a clone per call. What is not gRPC is
+    // refused before it counts as a call. The message is read before the guard, so a call
+    // whose message never comes holds no place in it.
     let kv = ServiceBuilder::new()
+        .layer(GrpcOnly)
         .layer(RpcLayer::new(metrics))
         .layer(
             layers
@@ -299,21 +303,22 @@ fn main_router(
     let support = Router::new()
         .route_service(&grpc_path(&health_service), health.service(health_service))
         .route_service(&grpc_path(&v1), reflection_messages.layer(v1))
-        .route_service(&grpc_path(&v1alpha), reflection_messages.layer(v1alpha));
+        .route_service(&grpc_path(&v1alpha), reflection_messages.layer(v1alpha))
+        .layer(GrpcOnly);
 
     let grpc_trace = TraceLayer::new_for_grpc()
-        .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+        .make_span_with(request_span)
         .on_response(
             DefaultOnResponse::new()
                 .level(Level::DEBUG)
                 .latency_unit(LatencyUnit::Micros),
         )
         .on_eos(DefaultOnEos::new().level(Level::DEBUG))
-        .on_failure(DefaultOnFailure::new().level(Level::WARN));
+        .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
     // The KV service logs each call from its metrics layer; a tower-http span per call
     // cost about 8% of a unary call's instructions.
     let grpc = kv.merge(support.layer(grpc_trace));
-    let app = http_router(draining, settings, &layers.exporter)
+    let app = http_router(draining, settings, layers)
         .merge(grpc)
         .fallback(http::fallback);
     // Resolves the routes once, instead of for every request (axum's "note about
@@ -332,13 +337,27 @@ fn grpc_path<S: NamedService>(_service: &S) -> String {
     format!("/{}/{{*method}}", S::NAME)
 }
 
+/// The span of a request to the health, reflection and HTTP routes. Everything they log is a
+/// client's doing (an unknown method or service, a 503 while draining, a 404), so it is all
+/// at debug: a client must not be able to fill the log at info. The path is the client's
+/// text, escaped and cut (see [`Escaped`]); the query is left out.
+fn request_span<B>(request: &::http::Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        path = %Escaped(request.uri().path()),
+        version = ?request.version(),
+    )
+}
+
 /// What wraps the routes: the KV guard, the request bodies' budget, the metrics exporter,
-/// and access control.
+/// access control, and the Host check of the HTTP routes that read data.
 struct Layers {
     guard: Guard,
     bodies: RequestBodies,
     exporter: Exporter,
     access: Access,
+    hosts: AllowedHosts,
 }
 
 /// Authentication and the per-client rate limit, each present only when configured.
@@ -375,18 +394,23 @@ impl Access {
 }
 
 /// The plain HTTP routes, with their body limit (gRPC messages have tonic's), and
-/// `/metrics`.
-fn http_router(draining: &CancellationToken, settings: &Settings, exporter: &Exporter) -> Router {
+/// `/metrics`, which alone reads data and so checks the Host (health checks answer any).
+fn http_router(draining: &CancellationToken, settings: &Settings, layers: &Layers) -> Router {
     let max_body = settings.limits.max_http_body_bytes;
     let trace = TraceLayer::new_for_http()
-        .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+        .make_span_with(request_span)
         .on_response(
             DefaultOnResponse::new()
                 .level(Level::DEBUG)
                 .latency_unit(LatencyUnit::Micros),
-        );
+        )
+        .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
     http::router(draining.clone())
-        .merge(metrics::router(exporter.clone()))
+        .merge(browser::check_host(
+            metrics::router(layers.exporter.clone()),
+            layers.hosts.clone(),
+            layers.exporter.metrics(),
+        ))
         .layer(trace)
         .fallback(http::fallback)
         .layer(DefaultBodyLimit::max(max_body))
