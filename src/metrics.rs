@@ -176,8 +176,15 @@ pub enum Limit {
     MaxValueBytes,
     /// `limits.max_batch_ops`: a Batch carried too many ops.
     MaxBatchOps,
-    /// `server.max_connections`: a connection was refused as soon as it was accepted.
+    /// `server.max_connections`: a connection was refused as soon as it was accepted, past
+    /// that setting or past the lower cap the open-file limit set at start-up.
     MaxConnections,
+    /// `server.max_connections_per_address`: a connection was refused as soon as it was
+    /// accepted, its address having that many open.
+    MaxConnectionsPerAddress,
+    /// `server.handshake_timeout`: a connection was closed for taking longer than that over
+    /// its first request, or over a request or HTTP/2 frame it had started sending.
+    HandshakeTimeout,
     /// `server.max_header_bytes`: a request's headers were over the limit (those beyond
     /// hyper's ceiling, twice the limit, are refused by hyper and not counted).
     MaxHeaderBytes,
@@ -186,7 +193,7 @@ pub enum Limit {
 }
 
 impl Limit {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 11] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -194,6 +201,8 @@ impl Limit {
         Self::MaxValueBytes,
         Self::MaxBatchOps,
         Self::MaxConnections,
+        Self::MaxConnectionsPerAddress,
+        Self::HandshakeTimeout,
         Self::MaxHeaderBytes,
         Self::RatePerClient,
     ];
@@ -208,6 +217,8 @@ impl Limit {
             Self::MaxValueBytes => "limits.max_value_bytes",
             Self::MaxBatchOps => "limits.max_batch_ops",
             Self::MaxConnections => "server.max_connections",
+            Self::MaxConnectionsPerAddress => "server.max_connections_per_address",
+            Self::HandshakeTimeout => "server.handshake_timeout",
             Self::MaxHeaderBytes => "server.max_header_bytes",
             Self::RatePerClient => "rate_limit.per_client",
         }

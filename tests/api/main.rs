@@ -12,6 +12,7 @@ mod helpers;
 mod kv;
 mod load;
 mod metrics;
+mod open_files;
 mod proxy;
 mod rate_limit;
 mod shutdown;
