@@ -127,17 +127,18 @@ impl<S> Partial<S> {
 
     fn received(&mut self, bytes: &[u8]) {
         let ended = self.framing.consume(bytes);
-        let now = Instant::now();
+        // The clock is read only when a partial request begins: most reads end on a frame
+        // boundary, or while a request is open.
         self.since = match self.framing.mid_frame() {
             // A new frame began after the last one ended: its own clock.
-            Some(true) if ended => Some(now),
-            Some(true) => Some(self.since.unwrap_or(now)),
+            Some(true) if ended => Some(Instant::now()),
+            Some(true) => Some(self.since.unwrap_or_else(Instant::now)),
             Some(false) => None,
             // HTTP/1.1: bytes while no request is open begin a request (or trail one the
             // server answered early); bytes while one is open are its body.
             None => match self.activity.quiet() {
                 Quiet::Busy => self.since,
-                Quiet::NeverUsed | Quiet::Since(_) => Some(self.since.unwrap_or(now)),
+                Quiet::NeverUsed | Quiet::Since(_) => Some(self.since.unwrap_or_else(Instant::now)),
             },
         };
     }
