@@ -463,9 +463,15 @@ fn origin(md: &Metadata, path: &[&str]) -> String {
         return format!("in {source}");
     }
     if md.name.contains(ENV_PREFIX) {
+        // A list's entries (`trusted_proxies.0`) come from the one variable of the list.
+        let variable: Vec<&str> = path
+            .iter()
+            .copied()
+            .take_while(|segment| segment.parse::<usize>().is_err())
+            .collect();
         return format!(
             "from environment variable {ENV_PREFIX}{}",
-            path.join("__").to_ascii_uppercase()
+            variable.join("__").to_ascii_uppercase()
         );
     }
     format!(
@@ -1011,6 +1017,15 @@ mod tests {
             }
             assert!(one.contains("fd00::1".parse().unwrap()));
             assert!(!one.contains("fd00::2".parse().unwrap()));
+            jail.set_env("KVSTORE_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/33\"]");
+            let message = error_in(jail, Flags::default());
+            assert!(
+                message.contains("server.trusted_proxies")
+                    && message.contains("the prefix length must be 0 to 32")
+                    && message
+                        .ends_with("(from environment variable KVSTORE_SERVER__TRUSTED_PROXIES)"),
+                "{message}"
+            );
             assert!(
                 "0.0.0.0/0"
                     .parse::<Cidr>()
