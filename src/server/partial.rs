@@ -28,6 +28,8 @@ enum Framing {
     /// This many bytes of the HTTP/2 preface have matched; the protocol is not known yet.
     Preface(usize),
     /// HTTP/1.1: requests have no framing this follows; see [`Partial::partial_since`].
+    /// This assumes every byte belongs to a request: no route answers 101, so no connection
+    /// is ever upgraded to another protocol (one that was would be cut by this clock).
     Http1,
     /// HTTP/2: `header` bytes of a frame header are in, or `payload` bytes of the current
     /// frame's payload are still to come.
