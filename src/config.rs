@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -82,6 +82,13 @@ pub struct ServerSettings {
     /// Connections open at once on each listener; more are accepted, told why and closed at
     /// once.
     pub max_connections: usize,
+    /// Connections open at once on each listener from one address (IPv6: one /64), told why
+    /// and closed like those past `max_connections`; 0 means a tenth of `max_connections`.
+    /// See [`ServerSettings::connections_per_address`].
+    pub max_connections_per_address: usize,
+    /// Peers exempt from `max_connections_per_address`: proxies whose connections carry many
+    /// clients.
+    pub trusted_proxies: Vec<Cidr>,
     /// HTTP/2 streams open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
     /// The most bytes of a request's header list, counted as HTTP/2 counts it over both
@@ -269,6 +276,8 @@ impl Default for Settings {
                 request_body_timeout: Duration::from_secs(5),
                 max_request_bytes_in_flight: 64 * 1024 * 1024,
                 max_connections: 10_000,
+                max_connections_per_address: 0,
+                trusted_proxies: Vec::new(),
                 max_streams_per_connection: 200,
                 max_header_bytes: 16 * 1024,
                 handshake_timeout: Duration::from_secs(10),
@@ -315,6 +324,94 @@ impl Default for Settings {
             },
             tls: TlsSettings::default(),
         }
+    }
+}
+
+impl ServerSettings {
+    /// The per-address connection cap in effect: `max_connections_per_address`, or a tenth of
+    /// `max_connections` (at least 1) when that is 0, so that it follows a table resized
+    /// without being set again.
+    pub fn connections_per_address(&self) -> usize {
+        match self.max_connections_per_address {
+            0 => (self.max_connections / 10).max(1),
+            set => set,
+        }
+    }
+}
+
+/// An IPv4 or IPv6 address range in CIDR notation (`10.0.0.0/8`, `fd00::/8`); a bare address
+/// is a range of one. Bits past the prefix are ignored, as nginx's `set_real_ip_from` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range. An IPv4 peer seen on an IPv6 listener (`::ffff:a.b.c.d`)
+    /// is matched as the IPv4 address it is.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(prefix) => prefix
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {bits}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -388,9 +485,15 @@ fn origin(md: &Metadata, path: &[&str]) -> String {
         return format!("in {source}");
     }
     if md.name.contains(ENV_PREFIX) {
+        // A list's entries (`trusted_proxies.0`) come from the one variable of the list.
+        let variable: Vec<&str> = path
+            .iter()
+            .copied()
+            .take_while(|segment| segment.parse::<usize>().is_err())
+            .collect();
         return format!(
             "from environment variable {ENV_PREFIX}{}",
-            path.join("__").to_ascii_uppercase()
+            variable.join("__").to_ascii_uppercase()
         );
     }
     format!(
@@ -531,6 +634,16 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         if value == 0 {
             return Err(invalid(figment, key, "must be at least 1, got 0"));
         }
+    }
+    if settings.server.max_connections_per_address > settings.server.max_connections {
+        return Err(invalid(
+            figment,
+            "server.max_connections_per_address",
+            &format!(
+                "must be at most server.max_connections ({}), got {}; 0 means a tenth of it",
+                settings.server.max_connections, settings.server.max_connections_per_address
+            ),
+        ));
     }
     if settings.limits.max_key_bytes > crate::record::MAX_KEY_BYTES {
         return Err(invalid(
@@ -950,6 +1063,60 @@ mod tests {
     }
 
     #[test]
+    fn the_per_address_cap_follows_max_connections_unless_set() {
+        Jail::expect_with(|jail| {
+            // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
+            jail.clear_env();
+            let s = load_in(jail, Flags::default()).unwrap().settings;
+            assert_eq!(s.server.connections_per_address(), 1000);
+            assert!(s.server.trusted_proxies.is_empty());
+            jail.set_env("KVSTORE_SERVER__MAX_CONNECTIONS", "5");
+            let s = load_in(jail, Flags::default()).unwrap().settings;
+            assert_eq!(s.server.connections_per_address(), 1, "at least one");
+
+            jail.set_env("KVSTORE_SERVER__MAX_CONNECTIONS_PER_ADDRESS", "4");
+            jail.set_env(
+                "KVSTORE_SERVER__TRUSTED_PROXIES",
+                "[\"10.1.2.3/8\", \"fd00::1\"]",
+            );
+            let loaded = load_in(jail, Flags::default()).unwrap();
+            assert!(loaded.ignored_env.is_empty(), "{:?}", loaded.ignored_env);
+            let server = loaded.settings.server;
+            assert_eq!(server.connections_per_address(), 4);
+            let [net, one] = server.trusted_proxies[..] else {
+                panic!("{:?}", server.trusted_proxies);
+            };
+            assert_eq!(net.to_string(), "10.1.2.3/8");
+            for (ip, inside) in [
+                ("10.200.0.1", true),
+                ("::ffff:10.0.0.9", true),
+                ("11.0.0.1", false),
+                ("::a00:1", false),
+            ] {
+                assert_eq!(net.contains(ip.parse().unwrap()), inside, "{ip}");
+            }
+            assert!(one.contains("fd00::1".parse().unwrap()));
+            assert!(!one.contains("fd00::2".parse().unwrap()));
+            jail.set_env("KVSTORE_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/33\"]");
+            let message = error_in(jail, Flags::default());
+            assert!(
+                message.contains("server.trusted_proxies")
+                    && message.contains("the prefix length must be 0 to 32")
+                    && message
+                        .ends_with("(from environment variable KVSTORE_SERVER__TRUSTED_PROXIES)"),
+                "{message}"
+            );
+            assert!(
+                "0.0.0.0/0"
+                    .parse::<Cidr>()
+                    .unwrap()
+                    .contains("192.0.2.1".parse().unwrap())
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn the_config_file_can_be_named_by_environment() {
         Jail::expect_with(|jail| {
             // The caller's environment (CI sets KVSTORE_REQUIRE_TOOLS) is not under test.
@@ -1101,6 +1268,21 @@ mod tests {
                 (
                     with_file("[server]\nallowed_hosts = [\"kvstore-1:8080\"]\n")?,
                     "server.allowed_hosts entry \"kvstore-1:8080\" must be a host name",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_connections_per_address = 10001\n")?,
+                    "server.max_connections_per_address must be at most server.max_connections (10000)",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n")?,
+                    "server.trusted_proxies",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\ntrusted_proxies = [\"nginx\"]\n")?,
+                    "is not an IP address or CIDR range",
                     "bad.toml",
                 ),
                 (

@@ -21,6 +21,7 @@
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
 //!   the accept loop and its connection limits.
+//! - [`open_files`]: the open-file limit, raised at start-up; it caps connections when low.
 //! - [`tls`]: the main listener's TLS configuration, from the `[tls]` files.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
@@ -38,6 +39,7 @@ mod index;
 pub mod legacy_args;
 pub mod metrics;
 pub mod middleware;
+pub mod open_files;
 pub mod pubsub;
 pub mod rate_limit;
 pub mod record;

@@ -180,8 +180,15 @@ pub enum Limit {
     /// `limits.max_response_bytes`: a Batch's answer would have been too large (a List page
     /// that ends early is not a refusal).
     MaxResponseBytes,
-    /// `server.max_connections`: a connection was refused as soon as it was accepted.
+    /// `server.max_connections`: a connection was refused as soon as it was accepted, past
+    /// that setting or past the lower cap the open-file limit set at start-up.
     MaxConnections,
+    /// `server.max_connections_per_address`: a connection was refused as soon as it was
+    /// accepted, its address having that many open.
+    MaxConnectionsPerAddress,
+    /// `server.handshake_timeout`: a connection was closed for taking longer than that over
+    /// its first request, or over a request or HTTP/2 frame it had started sending.
+    HandshakeTimeout,
     /// `server.max_header_bytes`: a request's headers were over the limit (those beyond
     /// hyper's ceiling, twice the limit, are refused by hyper and not counted).
     MaxHeaderBytes,
@@ -198,7 +205,7 @@ pub enum Limit {
 }
 
 impl Limit {
-    const ALL: [Self; 13] = [
+    const ALL: [Self; 15] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -207,6 +214,8 @@ impl Limit {
         Self::MaxBatchOps,
         Self::MaxResponseBytes,
         Self::MaxConnections,
+        Self::MaxConnectionsPerAddress,
+        Self::HandshakeTimeout,
         Self::MaxHeaderBytes,
         Self::RatePerClient,
         Self::RequestBodyTimeout,
@@ -225,6 +234,8 @@ impl Limit {
             Self::MaxBatchOps => "limits.max_batch_ops",
             Self::MaxResponseBytes => "limits.max_response_bytes",
             Self::MaxConnections => "server.max_connections",
+            Self::MaxConnectionsPerAddress => "server.max_connections_per_address",
+            Self::HandshakeTimeout => "server.handshake_timeout",
             Self::MaxHeaderBytes => "server.max_header_bytes",
             Self::RatePerClient => "rate_limit.per_client",
             Self::RequestBodyTimeout => "server.request_body_timeout",

@@ -139,7 +139,10 @@ fn client_key(request: &Request) -> ClientKey {
     }
 }
 
-fn peer_key(ip: IpAddr) -> IpAddr {
+/// The address a client is known by: IPv4 as it is (also when seen as `::ffff:a.b.c.d`),
+/// IPv6 by its /64, which one host usually has whole. The per-address connection cap keys
+/// clients the same way.
+pub(crate) fn peer_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

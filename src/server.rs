@@ -3,11 +3,14 @@
 //! legacy health port, and runs until shutdown, then drains within the deadline. Owns the
 //! accept loop and every connection-level limit and timeout.
 
+mod partial;
+
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -22,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -37,14 +41,15 @@ use tracing::{Level, debug, error, info, warn};
 
 use crate::auth::{self, Auth};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
-use crate::config::{MIN_HEADER_BYTES, ServerSettings, Settings};
+use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::{self, KvService};
 use crate::http;
 use crate::metrics::{self, Connections, Exporter, Limit, Metrics, Rpc, RpcLayer};
 use crate::middleware::{Guard, HeaderLimit, HeaderLimited};
+use crate::open_files;
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
-use crate::rate_limit::{self, RateLimit};
+use crate::rate_limit::{self, RateLimit, peer_key};
 use crate::request_body::RequestBodies;
 use crate::store::Store;
 use crate::telemetry::Escaped;
@@ -164,15 +169,17 @@ impl Server {
             (Some(_), true) => "on",
             (Some(_), false) => "mutual",
         };
+        let files = open_file_cap(&settings.server, 1 + usize::from(health.is_some()));
         info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", tls = tls_mode, "listening");
-        let main_listener = Listener::new("main", app, tls, &settings.server, &metrics);
+        let main_listener = Listener::new("main", app, tls, &settings.server, &metrics, &files);
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
                 let routes = layers
                     .access
                     .guard(http_router(&draining, &settings, &layers));
-                let routes = Listener::new("health", routes, None, &settings.server, &metrics);
+                let routes =
+                    Listener::new("health", routes, None, &settings.server, &metrics, &files);
                 Some(serve(listener, routes, stop.clone(), drain))
             }
             None => None,
@@ -426,11 +433,16 @@ struct Listener {
     app: HeaderLimited<Router>,
     /// Counts this listener's open connections, for metrics.
     open: Connections,
-    /// Counts connections refused for `server.max_connections`.
+    /// Counts refused connections and connections cut by `server.handshake_timeout`.
     metrics: Arc<Metrics>,
     http: auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
+    /// This listener's connections by address, and the proxies exempt from their cap.
+    per_address: PerAddress,
+    /// The cap the open-file limit puts on every listener's connections together, if it is
+    /// below what `server.max_connections` asks.
+    files: Option<Arc<FileCap>>,
     handshake_timeout: Duration,
     idle_timeout: Option<Duration>,
 }
@@ -442,6 +454,7 @@ impl Listener {
         tls: Option<TlsAcceptor>,
         settings: &ServerSettings,
         metrics: &Arc<Metrics>,
+        files: &Option<Arc<FileCap>>,
     ) -> Arc<Self> {
         let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
         let ceiling = header_ceiling(settings.max_header_bytes);
@@ -473,6 +486,12 @@ impl Listener {
             http,
             tls,
             max_connections: settings.max_connections,
+            per_address: PerAddress {
+                cap: settings.connections_per_address(),
+                trusted: settings.trusted_proxies.clone(),
+                open: Arc::default(),
+            },
+            files: files.clone(),
             handshake_timeout: settings.handshake_timeout,
             idle_timeout,
         })
@@ -497,9 +516,9 @@ fn header_ceiling(max: usize) -> usize {
 
 /// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
 /// the rest. Each connection is its own task, TLS handshake included, so one slow peer never
-/// holds up another. Past `server.max_connections` a connection is refused as soon as it is
-/// accepted (see [`refuse`]): the client learns at once, instead of waiting in the kernel's
-/// backlog.
+/// holds up another. Past `server.max_connections`, the open-file cap or
+/// `server.max_connections_per_address` a connection is refused as soon as it is accepted
+/// (see [`refuse`]): the client learns at once, instead of waiting in the kernel's backlog.
 async fn serve(
     listener: TcpListener,
     shared: Arc<Listener>,
@@ -509,6 +528,7 @@ async fn serve(
     let name = shared.name;
     let mut connections = JoinSet::new();
     let mut refusals = Refusals::default();
+    let mut accept_errors = Throttled::default();
     // Refused connections being told why; bounded, so a flood costs at most this many tasks.
     let mut refusing = JoinSet::new();
     loop {
@@ -520,22 +540,33 @@ async fn serve(
                     // Finished connections may not have been reaped yet; they must not count.
                     while connections.try_join_next().is_some() {}
                     while refusing.try_join_next().is_some() {}
-                    if connections.len() >= shared.max_connections {
-                        refusals.record(name, peer, shared.max_connections);
-                        shared.metrics.refused(Limit::MaxConnections);
-                        // Past the bound the connection is just closed.
-                        if refusing.len() < MAX_REFUSING {
-                            refusing.spawn(refuse(stream, peer, shared.clone()));
+                    match shared.admit(connections.len(), peer.ip()) {
+                        Ok(slots) => {
+                            let connection = connection(stream, peer, shared.clone(), stop.clone());
+                            connections.spawn(shared.open.track(async move {
+                                connection.await;
+                                drop(slots);
+                            }));
                         }
-                    } else {
-                        let connection = connection(stream, peer, shared.clone(), stop.clone());
-                        connections.spawn(shared.open.track(connection));
+                        Err(refusal) => {
+                            refusals.record(name, peer, refusal, &shared);
+                            shared.metrics.refused(refusal.limit());
+                            // Past the bound the connection is just closed.
+                            if refusing.len() < MAX_REFUSING {
+                                refusing.spawn(refuse(stream, peer, refusal, shared.clone()));
+                            }
+                        }
                     }
                 }
                 Err(err) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    warn!(listener = name, error = %err, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Usually out of file descriptors (the open-file cap leaves room for
+                    // refusals, but other processes' descriptors count against the system's
+                    // limit too): back off instead of spinning, and warn once per interval
+                    // rather than on every try.
+                    if let Some(failed) = accept_errors.due() {
+                        warn!(listener = name, error = %err, failed, "accepting connections failed; retrying every 100 ms");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
         }
@@ -572,18 +603,202 @@ const MAX_REFUSING: usize = 64;
 /// its first request and take the answer.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
-/// Tells a connection refused for `server.max_connections` why, in its own protocol: after
-/// the TLS handshake on a TLS listener, it is served (HTTP/1.1 or HTTP/2, as for any
-/// connection) with [`refusal`] as its only handler, and closed after the first answer
-/// (HTTP/2: with a GOAWAY). A real answer, rather than a GOAWAY's debug data, is what reaches
-/// the caller: tonic reports a GOAWAY as a bare "h2 protocol error". All of it is bounded by
+/// How long the accept loop waits after `accept` fails before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why a connection was refused as soon as it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `server.max_connections` are open on this listener.
+    MaxConnections,
+    /// The open-file limit's cap on every listener's connections together is reached.
+    OpenFiles,
+    /// `server.max_connections_per_address` are open from the peer's address.
+    PerAddress,
+}
+
+impl Refusal {
+    /// The limit it is counted under: the open-file cap is `server.max_connections`,
+    /// lowered.
+    fn limit(self) -> Limit {
+        match self {
+            Self::MaxConnections | Self::OpenFiles => Limit::MaxConnections,
+            Self::PerAddress => Limit::MaxConnectionsPerAddress,
+        }
+    }
+
+    /// What the client is told, naming the setting to change.
+    fn reason(self, shared: &Listener) -> String {
+        match (self, &shared.files) {
+            (Self::OpenFiles, Some(files)) => format!(
+                "{} connections are open, all that the server's open-file limit leaves room for (server.max_connections, {}, was lowered at start-up); retry with backoff",
+                files.cap, shared.max_connections
+            ),
+            (Self::PerAddress, _) => format!(
+                "server.max_connections_per_address ({}) connections are open from this address; retry with backoff",
+                shared.per_address.cap
+            ),
+            (Self::MaxConnections | Self::OpenFiles, _) => format!(
+                "server.max_connections ({}) connections are open; retry with backoff",
+                shared.max_connections
+            ),
+        }
+    }
+}
+
+/// What an admitted connection holds until it closes: its place under the open-file cap and
+/// under its address's cap (neither when not capped).
+struct Slots {
+    _file: Option<FileSlot>,
+    _address: Option<AddressSlot>,
+}
+
+impl Listener {
+    /// Admits a connection from `ip` with `open` connections on this listener already, or
+    /// says which limit refuses it. The table-wide limits are checked first: when the table
+    /// is full that is what the client should hear.
+    fn admit(&self, open: usize, ip: IpAddr) -> Result<Slots, Refusal> {
+        if open >= self.max_connections {
+            return Err(Refusal::MaxConnections);
+        }
+        let file = match &self.files {
+            Some(files) => Some(FileCap::take(files).ok_or(Refusal::OpenFiles)?),
+            None => None,
+        };
+        let address = self.per_address.take(ip)?;
+        Ok(Slots {
+            _file: file,
+            _address: address,
+        })
+    }
+}
+
+/// The cap on connections of every listener together that the open-file limit sets, when it
+/// leaves room for fewer than `server.max_connections` on each listener.
+struct FileCap {
+    cap: usize,
+    open: AtomicUsize,
+}
+
+impl FileCap {
+    fn take(this: &Arc<Self>) -> Option<FileSlot> {
+        this.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < this.cap).then_some(open + 1)
+            })
+            .ok()?;
+        Some(FileSlot(this.clone()))
+    }
+}
+
+/// One connection under the [`FileCap`], until dropped.
+struct FileSlot(Arc<FileCap>);
+
+impl Drop for FileSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The open-file cap for `listeners` listeners of `settings`, if the limit is too low for
+/// `server.max_connections` on each; says so at start-up, with the numbers and what to
+/// change. Room is kept for the descriptors that are not connections
+/// ([`open_files::RESERVED`]) and for the refusals each listener answers at once (and the
+/// one it closes without a word), so that `accept` itself never runs out and a client past
+/// the cap hears why.
+fn open_file_cap(settings: &ServerSettings, listeners: usize) -> Option<Arc<FileCap>> {
+    let limit = open_files::current()?;
+    let soft = usize::try_from(limit.soft?).unwrap_or(usize::MAX);
+    let reserved = open_files::RESERVED + listeners * (MAX_REFUSING + 1);
+    let cap = soft.saturating_sub(reserved);
+    if cap >= settings.max_connections.saturating_mul(listeners) {
+        return None;
+    }
+    warn!(
+        open_files = soft,
+        open_files_hard = limit.hard,
+        reserved,
+        max_connections = settings.max_connections,
+        listeners,
+        connection_cap = cap,
+        "the open-file limit (RLIMIT_NOFILE) is below what server.max_connections needs: \
+         connections of all listeners together are capped at connection_cap, and refused past \
+         it like those past server.max_connections; raise the hard limit (systemd \
+         LimitNOFILE=, ulimit -Hn, podman/docker --ulimit nofile=) or lower server.max_connections"
+    );
+    Some(Arc::new(FileCap {
+        cap,
+        open: AtomicUsize::new(0),
+    }))
+}
+
+/// One listener's connections by address (IPv6: by /64), for
+/// `server.max_connections_per_address`. An entry lives while its address has a connection
+/// open, so the map is never larger than the connection table.
+struct PerAddress {
+    cap: usize,
+    /// `server.trusted_proxies`: exempt, since one of their connections carries many clients.
+    trusted: Vec<Cidr>,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerAddress {
+    /// A place for one more connection from `ip`; `None` for a trusted proxy, which takes
+    /// none.
+    fn take(&self, ip: IpAddr) -> Result<Option<AddressSlot>, Refusal> {
+        if self.trusted.iter().any(|net| net.contains(ip)) {
+            return Ok(None);
+        }
+        let key = peer_key(ip);
+        let mut open = self
+            .open
+            .lock()
+            .expect("never poisoned: no panic while held");
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.cap {
+            return Err(Refusal::PerAddress);
+        }
+        *count += 1;
+        Ok(Some(AddressSlot {
+            key,
+            open: self.open.clone(),
+        }))
+    }
+}
+
+/// One connection under its address's cap, until dropped.
+struct AddressSlot {
+    key: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .lock()
+            .expect("never poisoned: no panic while held");
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Tells a connection refused for `refusal` why, in its own protocol: after the TLS handshake
+/// on a TLS listener, it is served (HTTP/1.1 or HTTP/2, as for any connection) with
+/// [`refusal`] as its only handler, and closed after the first answer (HTTP/2: with a
+/// GOAWAY). A real answer, rather than a GOAWAY's debug data, is what reaches the caller:
+/// tonic reports a GOAWAY as a bare "h2 protocol error". All of it is bounded by
 /// [`REFUSAL_TIME`]; a client that asks nothing in time is closed without a word.
-async fn refuse(stream: TcpStream, peer: SocketAddr, shared: Arc<Listener>) {
+async fn refuse(stream: TcpStream, peer: SocketAddr, why: Refusal, shared: Arc<Listener>) {
     let answered = tokio::time::timeout(REFUSAL_TIME, async {
         match &shared.tls {
-            None => answer_refusal(TokioIo::new(stream), &shared).await,
+            None => answer_refusal(TokioIo::new(stream), why, &shared).await,
             Some(tls) => match tls.accept(stream).await {
-                Ok(stream) => answer_refusal(TokioIo::new(stream), &shared).await,
+                Ok(stream) => answer_refusal(TokioIo::new(stream), why, &shared).await,
                 Err(err) => debug!(listener = shared.name, %peer, error = %err, "TLS handshake of a refused connection failed"),
             },
         }
@@ -595,17 +810,17 @@ async fn refuse(stream: TcpStream, peer: SocketAddr, shared: Arc<Listener>) {
 }
 
 /// Serves `io` with [`refusal`] until it has answered once, then closes it gracefully.
-async fn answer_refusal<IO>(io: IO, shared: &Listener)
+async fn answer_refusal<IO>(io: IO, why: Refusal, shared: &Listener)
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let max_connections = shared.max_connections;
+    let reason = why.reason(shared);
     let answered = Arc::new(Notify::new());
     let service = hyper::service::service_fn({
         let answered = answered.clone();
         move |request| {
             answered.notify_one();
-            std::future::ready(Ok::<_, Infallible>(refusal(&request, max_connections)))
+            std::future::ready(Ok::<_, Infallible>(refusal(&request, &reason)))
         }
     });
     let connection = shared.http.serve_connection(io, service);
@@ -619,13 +834,10 @@ where
     let _ = connection.await;
 }
 
-/// The answer to every request on a connection refused for `server.max_connections`: a
-/// gRPC call gets `UNAVAILABLE` (retrying elsewhere is safe: nothing was processed), any
-/// other request a 503 with `retry-after`; both name the limit.
-fn refusal<B>(request: &::http::Request<B>, max_connections: usize) -> Response {
-    let reason = format!(
-        "server.max_connections ({max_connections}) connections are open; retry with backoff"
-    );
+/// The answer to every request on a refused connection: a gRPC call gets `UNAVAILABLE`
+/// (retrying elsewhere is safe: nothing was processed), any other request a 503 with
+/// `retry-after`; both give `reason`, which names the limit.
+fn refusal<B>(request: &::http::Request<B>, reason: &str) -> Response {
     if http::is_grpc(request) {
         return http::grpc_error(tonic::Status::unavailable(reason));
     }
@@ -641,33 +853,70 @@ fn refusal<B>(request: &::http::Request<B>, max_connections: usize) -> Response 
     response
 }
 
-/// How often, at most, refused connections are logged at warn: a flood of them must not
-/// flood the log too.
-const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// How often, at most, a recurring problem of the accept loop (refused connections, failed
+/// accepts) is logged at warn: a flood of them must not flood the log too.
+const WARNING_EVERY: Duration = Duration::from_secs(10);
 
-/// Connections refused for `server.max_connections` since the last warning.
+/// Occurrences of one recurring problem since its last warning.
 #[derive(Default)]
-struct Refusals {
+struct Throttled {
     since_warning: u64,
     warned_at: Option<Instant>,
 }
 
-impl Refusals {
-    fn record(&mut self, listener: &'static str, peer: SocketAddr, max_connections: usize) {
+impl Throttled {
+    /// Counts one occurrence; when a warning is due (the first, then at most one every
+    /// [`WARNING_EVERY`]), returns how many it covers.
+    fn due(&mut self) -> Option<u64> {
         self.since_warning += 1;
-        debug!(listener, %peer, max_connections, "refused a connection: server.max_connections reached");
         if self
             .warned_at
-            .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY)
+            .is_some_and(|at| at.elapsed() < WARNING_EVERY)
         {
-            warn!(
+            return None;
+        }
+        self.warned_at = Some(Instant::now());
+        Some(std::mem::take(&mut self.since_warning))
+    }
+}
+
+/// Connections refused since the last warning, by [`Refusal`].
+#[derive(Default)]
+struct Refusals([Throttled; 3]);
+
+impl Refusals {
+    fn record(
+        &mut self,
+        listener: &'static str,
+        peer: SocketAddr,
+        why: Refusal,
+        shared: &Listener,
+    ) {
+        let limit = why.limit().key();
+        debug!(listener, %peer, limit, "refused a connection");
+        let Some(refused) = self.0[why as usize].due() else {
+            return;
+        };
+        match why {
+            Refusal::MaxConnections => warn!(
                 listener,
-                max_connections,
-                refused = self.since_warning,
+                max_connections = shared.max_connections,
+                refused,
                 "refusing connections: server.max_connections are open"
-            );
-            self.warned_at = Some(Instant::now());
-            self.since_warning = 0;
+            ),
+            Refusal::OpenFiles => warn!(
+                listener,
+                connection_cap = shared.files.as_ref().map(|files| files.cap),
+                refused,
+                "refusing connections: the open-file limit's connection cap is reached (see the start-up warning)"
+            ),
+            Refusal::PerAddress => warn!(
+                listener,
+                max_connections_per_address = shared.per_address.cap,
+                refused,
+                address = %peer_key(peer.ip()),
+                "refusing connections: server.max_connections_per_address are open from one address"
+            ),
         }
     }
 }
@@ -687,7 +936,7 @@ async fn connection(
         debug!(%peer, error = %err, "setting TCP_NODELAY failed");
     }
     let Some(tls) = &shared.tls else {
-        return serve_http(TokioIo::new(stream), peer, accepted, &shared, stop).await;
+        return serve_http(stream, peer, accepted, &shared, stop).await;
     };
     let handshake =
         tokio::time::timeout_at(accepted + shared.handshake_timeout, tls.accept(stream));
@@ -700,17 +949,19 @@ async fn connection(
             }
             Err(_) => {
                 debug!(listener = shared.name, %peer, "TLS handshake took longer than server.handshake_timeout");
+                shared.metrics.refused(Limit::HandshakeTimeout);
                 return;
             }
         },
         () = stop.cancelled() => return,
     };
-    serve_http(TokioIo::new(stream), peer, accepted, &shared, stop).await;
+    serve_http(stream, peer, accepted, &shared, stop).await;
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes, or until the connection is
-/// closed for sending no request within `server.handshake_timeout`, for having no open
-/// request for `server.idle_timeout`, or for shutdown.
+/// closed for sending no request within `server.handshake_timeout`, for a request or HTTP/2
+/// frame partly received for as long (see [`partial`]), for having no open request for
+/// `server.idle_timeout`, or for shutdown.
 async fn serve_http<IO>(
     io: IO,
     peer: SocketAddr,
@@ -718,9 +969,14 @@ async fn serve_http<IO>(
     shared: &Listener,
     stop: CancellationToken,
 ) where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new(accepted));
+    let io = TokioIo::new(partial::Partial::new(
+        io,
+        activity.clone(),
+        shared.handshake_timeout,
+    ));
     // Per-client rate limiting keys unauthenticated clients by their address.
     let service = TowerToHyperService::new(Tracked {
         inner: Extension(ConnectInfo(peer)).layer(shared.app.clone()),
@@ -762,6 +1018,7 @@ async fn serve_http<IO>(
                     (Phase::Serving, Quiet::NeverUsed) if now >= accepted + shared.handshake_timeout => {
                         // Nothing was asked, so there is nothing to finish gracefully.
                         debug!(listener = shared.name, %peer, "no request within server.handshake_timeout, closing");
+                        shared.metrics.refused(Limit::HandshakeTimeout);
                         return;
                     }
                     (Phase::Serving, Quiet::Since(at)) if shared.idle_timeout.is_some_and(|idle| now >= at + idle) => {
@@ -778,7 +1035,11 @@ async fn serve_http<IO>(
             }
         }
     };
-    if let Err(err) = result {
+    if activity.partial_timed_out.load(Ordering::Relaxed) {
+        // Its reads failed: hyper has dropped the connection without a word.
+        debug!(listener = shared.name, %peer, "a request or frame partly received for longer than server.handshake_timeout, closed");
+        shared.metrics.refused(Limit::HandshakeTimeout);
+    } else if let Err(err) = result {
         debug!(listener = shared.name, %peer, error = %err, "connection closed with an error");
     }
 }
@@ -800,6 +1061,8 @@ struct Activity {
     /// Nanoseconds from `epoch` to the end of the latest request; [`NEVER`] before any.
     last_end: AtomicU64,
     epoch: Instant,
+    /// Set when [`partial::Partial`] failed a read for a partial request out of time.
+    partial_timed_out: AtomicBool,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -816,6 +1079,7 @@ impl Activity {
             open: AtomicUsize::new(0),
             last_end: AtomicU64::new(NEVER),
             epoch,
+            partial_timed_out: AtomicBool::new(false),
         }
     }
 
@@ -989,5 +1253,19 @@ mod tests {
             served.0.is_ok() && served.1.starts_with("HTTP/1.1 200"),
             "{served:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recurring_problem_warns_at_once_then_at_most_every_interval_with_its_count() {
+        let mut accept_errors = Throttled::default();
+        assert_eq!(accept_errors.due(), Some(1));
+        // One failed accept every ACCEPT_BACKOFF, as when out of file descriptors.
+        let mut warnings = Vec::new();
+        for _ in 0..300 {
+            tokio::time::advance(ACCEPT_BACKOFF).await;
+            warnings.extend(accept_errors.due());
+        }
+        // 30 s: one warning per 10 s, each counting the failures since the last.
+        assert_eq!(warnings, [100, 100, 100]);
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kvstore::config::{self, Flags};
-use kvstore::{auth, server, shutdown, telemetry};
-use tracing::{error, warn};
+use kvstore::{auth, open_files, server, shutdown, telemetry};
+use tracing::{error, info, warn};
 
 // mimalloc: the request path allocates a little per call (HTTP/2 frames, protobuf
 // messages, events); measured against glibc malloc with h2load, see the commit message.
@@ -132,6 +132,19 @@ fn run(settings: config::Settings) -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]
     if let Err(err) = nix::sys::prctl::set_thp_disable(true) {
         warn!(error = %err, "could not turn transparent huge pages off: memory freed after a load may return");
+    }
+    // Every connection is a file descriptor; the server caps connections below the soft
+    // limit (see kvstore::open_files), so take all the hard limit allows first.
+    match open_files::raise_to_hard() {
+        Ok(Some((before, after))) => info!(
+            from = before.soft,
+            to = after.soft,
+            "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+        ),
+        Ok(None) => {}
+        Err(err) => {
+            warn!(error = %err, "could not raise the open-file limit (RLIMIT_NOFILE) to its hard limit")
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

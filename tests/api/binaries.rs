@@ -47,6 +47,8 @@ pub(crate) struct Running {
     pub(crate) child: Child,
     pub(crate) logs: Lines<BufReader<ChildStdout>>,
     pub(crate) main: SocketAddr,
+    /// The log lines up to the main listener's `listening`, that one included.
+    pub(crate) startup: Vec<Value>,
 }
 
 impl Running {
@@ -63,16 +65,19 @@ impl Running {
             .unwrap();
         let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut main = None;
+        let mut startup = Vec::new();
         while main.is_none() {
             let line = running_line(&mut logs).await;
             if line["message"] == "listening" && line["listener"] == "main" {
                 main = Some(line["addr"].as_str().unwrap().parse().unwrap());
             }
+            startup.push(line);
         }
         Self {
             child,
             logs,
             main: main.unwrap(),
+            startup,
         }
     }
 

@@ -9,7 +9,7 @@ use hyper::body::Bytes;
 use kvstore::config::Settings;
 use kvstore::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -57,7 +57,12 @@ async fn raw_response(addr: SocketAddr, path: &str, extra_headers: &str) -> Stri
 
 #[tokio::test]
 async fn connections_past_max_connections_are_told_why_at_once_until_one_closes() {
-    let server = spawn_with(single_port(|s| s.server.max_connections = 2)).await;
+    let server = spawn_with(single_port(|s| {
+        s.server.max_connections = 2;
+        // Every client here is 127.0.0.1; the per-address cap is tested on its own.
+        s.server.max_connections_per_address = 2;
+    }))
+    .await;
     let mut kv = server.client().await;
     let mut kv2 = server.client().await;
     // A call on each proves both connections are being served, so both count.
@@ -584,5 +589,239 @@ async fn an_idle_peer_that_never_answers_the_goaway_is_dropped() {
         .unwrap();
     // The graceful close had handshake_timeout to complete first.
     assert!(frozen.elapsed() >= SHORT, "{:?}", frozen.elapsed());
+    server.shutdown().await;
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (Linux routes all of
+/// 127.0.0.0/8 to the loopback interface), so the server sees another client address.
+async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// The whole answer to `GET path` over HTTP/1.1 with `connection: close` from `source`, read
+/// until the server closes.
+async fn raw_response_from(source: &str, addr: SocketAddr, path: &str) -> String {
+    let mut stream = connect_from(source, addr).await;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    String::from_utf8_lossy(&read_until_closed(&mut stream).await).into_owned()
+}
+
+/// An HTTP/2 connection (the `h2` crate) from `source`, with one request answered, so it is
+/// open and counted.
+async fn h2_from(source: &str, addr: SocketAddr) -> RawH2 {
+    let tcp = connect_from(source, addr).await;
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut h2 = RawH2 {
+        send,
+        closed: tokio::spawn(connection),
+    };
+    assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
+    h2
+}
+
+/// The value of one sample in a `/metrics` answer.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_address_past_max_connections_per_address_is_refused_while_another_connects() {
+    let server = spawn_with(single_port(|s| s.server.max_connections_per_address = 2)).await;
+    let _first = h2_from("127.0.0.1", server.grpc_addr).await;
+    let mut second = h2_from("127.0.0.1", server.grpc_addr).await;
+
+    // The third from the same address is told why, in its own protocol.
+    let reason = "server.max_connections_per_address (2) connections are open from this address";
+    let refused = raw_response_from("127.0.0.1", server.grpc_addr, "/health/live").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && refused.contains("retry-after: 1")
+            && refused.contains(reason),
+        "{refused}"
+    );
+    let status = server
+        .client()
+        .await
+        .get(pb::GetRequest { key: "a".into() })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(reason), "{status:?}");
+
+    // Another address is not affected, nor are the open connections.
+    let other = raw_response_from("127.0.0.2", server.grpc_addr, "/metrics").await;
+    assert!(other.starts_with("HTTP/1.1 200 OK"), "{other}");
+    let series = "kvstore_limit_refusals_total{limit=\"server.max_connections_per_address\"}";
+    assert_eq!(sample(&other, series), 2.0, "each refusal is counted");
+    assert_eq!(second.get("/health/live").await, http::StatusCode::OK);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_is_exempt_from_the_per_address_cap() {
+    let server = spawn_with(single_port(|s| {
+        s.server.max_connections_per_address = 1;
+        s.server.trusted_proxies = vec!["127.0.0.2/32".parse().unwrap()];
+    }))
+    .await;
+    let mut proxied = Vec::new();
+    for _ in 0..3 {
+        proxied.push(h2_from("127.0.0.2", server.grpc_addr).await);
+    }
+    // The cap holds for everyone else.
+    let _own = h2_from("127.0.0.1", server.grpc_addr).await;
+    let refused = raw_response_from("127.0.0.1", server.grpc_addr, "/health/live").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{refused}"
+    );
+    for h2 in &mut proxied {
+        assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
+    }
+    server.shutdown().await;
+}
+
+/// An HTTP/2 frame header: payload length, type, flags, stream id.
+fn frame_header(len: u32, kind: u8, flags: u8, stream: u32) -> Vec<u8> {
+    let mut header = len.to_be_bytes()[1..].to_vec();
+    header.extend([kind, flags]);
+    header.extend(stream.to_be_bytes());
+    header
+}
+
+const SETTINGS: u8 = 0x4;
+const HEADERS: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+
+/// Speaks HTTP/2 by hand on `stream`: the preface, then a GET of `/health/live` on stream 1,
+/// read until its answer ends (acknowledging the server's SETTINGS). Every frame is whole.
+async fn one_request_by_hand(stream: &mut TcpStream) {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame_header(0, SETTINGS, 0, 0));
+    // HPACK: :method GET, :scheme http (static table), :path and :authority as literals.
+    let mut block = vec![0x82, 0x86, 0x04, 12];
+    block.extend(b"/health/live");
+    block.extend([0x01, 4]);
+    block.extend(b"test");
+    out.extend(frame_header(
+        block.len() as u32,
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+    ));
+    out.extend(block);
+    stream.write_all(&out).await.unwrap();
+    timeout(PATIENCE, async {
+        loop {
+            let mut header = [0u8; 9];
+            stream.read_exact(&mut header).await.unwrap();
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0; len];
+            stream.read_exact(&mut payload).await.unwrap();
+            let (kind, flags) = (header[3], header[4]);
+            let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+            if kind == SETTINGS && flags & ACK == 0 {
+                stream
+                    .write_all(&frame_header(0, SETTINGS, ACK, 0))
+                    .await
+                    .unwrap();
+            }
+            // DATA or HEADERS ending stream 1: the answer is complete.
+            if id == 1 && kind <= HEADERS && flags & END_STREAM != 0 {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the request is answered in time");
+}
+
+/// Sends `bytes` one at a time, `every` apart, until they run out or the server closes.
+/// The tests give it more than they can wait for, so only the server ends it.
+fn dribble(mut writer: tokio::net::tcp::OwnedWriteHalf, bytes: Vec<u8>, every: Duration) {
+    tokio::spawn(async move {
+        for byte in bytes {
+            if writer.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_partial_frame_after_a_request_is_cut_after_the_handshake_timeout() {
+    // The idle timeout is far longer than the test: only the handshake clock can close it.
+    let server = spawn_with(single_port(|s| s.server.handshake_timeout = SHORT)).await;
+    let mut stream = TcpStream::connect(server.grpc_addr).await.unwrap();
+    one_request_by_hand(&mut stream).await;
+
+    // The next request's HEADERS frame a byte every SHORT / 6: it would take a minute.
+    let started = Instant::now();
+    let mut partial = frame_header(1200, HEADERS, END_STREAM | END_HEADERS, 3);
+    partial.extend([0; 1200]);
+    let (mut reader, writer) = stream.into_split();
+    dribble(writer, partial, SHORT / 6);
+    let mut sink = Vec::new();
+    // A reset counts as closed too: either way the server is done with it.
+    let _ = timeout(PATIENCE, reader.read_to_end(&mut sink))
+        .await
+        .expect("the server closes the connection in time");
+    let took = started.elapsed();
+    assert!(took >= SHORT && took < SHORT * 4, "{took:?}");
+
+    let metrics = crate::metrics::scrape(&server.grpc_url(), None).await;
+    let cut = metrics.get("kvstore_limit_refusals_total{limit=\"server.handshake_timeout\"}");
+    assert_eq!(cut, 1.0, "the cut is counted");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_partial_http1_request_after_a_request_is_cut_after_the_handshake_timeout() {
+    let server = spawn_with(single_port(|s| s.server.handshake_timeout = SHORT)).await;
+    let mut stream = TcpStream::connect(server.grpc_addr).await.unwrap();
+    stream
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer is small: it ends with its body, `{"status":"..."}` or similar JSON.
+    let mut answer = Vec::new();
+    timeout(PATIENCE, async {
+        while !answer.ends_with(b"}") {
+            let mut byte = [0u8; 256];
+            let n = stream.read(&mut byte).await.unwrap();
+            assert!(n > 0, "closed before answering");
+            answer.extend_from_slice(&byte[..n]);
+        }
+    })
+    .await
+    .expect("answered in time");
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
+
+    let started = Instant::now();
+    let (mut reader, writer) = stream.into_split();
+    // The next request's head, with a field that would take a minute to arrive.
+    let mut head = b"GET /health/live HTTP/1.1\r\nHost: test\r\nx-slow: ".to_vec();
+    head.extend([b'x'; 1200]);
+    dribble(writer, head, SHORT / 6);
+    let mut rest = Vec::new();
+    let _ = timeout(PATIENCE, reader.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection in time");
+    let took = started.elapsed();
+    assert!(took >= SHORT && took < SHORT * 4, "{took:?}");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     server.shutdown().await;
 }

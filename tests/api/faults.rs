@@ -79,7 +79,9 @@ impl Server {
     async fn start(env: &[(&str, &str)], listen: &str) -> Self {
         let mut command = server_command();
         command.envs(env.iter().copied());
-        let Running { child, logs, main } = Running::start_on(&mut command, listen).await;
+        let Running {
+            child, logs, main, ..
+        } = Running::start_on(&mut command, listen).await;
         Self {
             child,
             addr: main,

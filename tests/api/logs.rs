@@ -45,6 +45,7 @@ async fn five_thousand_failing_requests_write_a_few_kilobytes_of_log_at_most() {
         mut child,
         mut logs,
         main,
+        ..
     } = Running::start_on(&mut command, "127.0.0.1:0").await;
     let pid = Pid::from_raw(i32::try_from(child.id().expect("running")).unwrap());
     // Read at once, as a log collector would: a full pipe would stall the server.

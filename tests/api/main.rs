@@ -16,6 +16,7 @@ mod kv;
 mod load;
 mod logs;
 mod metrics;
+mod open_files;
 mod proxy;
 mod rate_limit;
 mod shutdown;

@@ -342,6 +342,8 @@ impl Subscription {
 async fn single_port_server(drain_delay: Duration) -> TestServer {
     let mut settings = test_settings();
     settings.server.health_listen = None;
+    // As behind nginx in production: each of its connections carries many clients.
+    settings.server.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
     settings.shutdown.drain_delay = drain_delay;
     spawn_with(settings).await
 }
