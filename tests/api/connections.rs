@@ -606,7 +606,7 @@ async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
 /// until the server closes.
 async fn raw_response_from(source: &str, addr: SocketAddr, path: &str) -> String {
     let mut stream = connect_from(source, addr).await;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let _ = stream.write_all(request.as_bytes()).await;
     String::from_utf8_lossy(&read_until_closed(&mut stream).await).into_owned()
 }

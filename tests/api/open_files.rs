@@ -185,7 +185,7 @@ async fn http_get(addr: std::net::SocketAddr) -> String {
 
 async fn http_get_path(addr: std::net::SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     // A refused connection may be closed before the request is written; the read shows it.
     let _ = stream.write_all(request.as_bytes()).await;
     let mut received = Vec::new();
