@@ -5,7 +5,7 @@
 //! stood at its revision ([`PreImages`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -170,99 +170,159 @@ pub struct HubStats {
 
 #[derive(Default)]
 struct Registry {
-    by_prefix: HashMap<String, Vec<Subscriber>>,
-    /// How many distinct prefixes of each byte length exist. A write checks only these
-    /// lengths, so matching costs one hash lookup per distinct length, not one per subscriber.
+    /// The prefixes with subscribers, by their [`PrefixHash`]; a list, for the rare prefixes
+    /// whose hashes collide.
+    by_hash: HashMap<u64, Vec<Prefix>, BuildHasherDefault<Prehashed>>,
+    /// How many distinct prefixes of each byte length exist. A write looks up only these
+    /// lengths, hashing its key once, so matching costs the key's length plus one lookup
+    /// per distinct length, not one hash of a prefix per length.
     lengths: BTreeMap<usize, usize>,
-    /// Which of those lookups can find anything.
-    filter: PrefixFilter,
+    hash: PrefixHash,
     count: usize,
 }
 
+/// The subscribers of one prefix.
+struct Prefix {
+    prefix: String,
+    subscribers: Vec<Subscriber>,
+}
+
 impl Registry {
-    /// Notes a prefix that has just got its first subscriber.
-    fn added(&mut self, prefix: &str) {
-        *self.lengths.entry(prefix.len()).or_default() += 1;
-        if self.by_prefix.len() * PrefixFilter::BITS_PER_PREFIX > self.filter.bits.len() * 64 {
-            self.rebuild_filter();
-        } else {
-            self.filter.insert(prefix);
-        }
+    /// The subscribers of `prefix`, if it has any.
+    fn subscribers_mut(&mut self, prefix: &str) -> Option<&mut Vec<Subscriber>> {
+        let hash = self.hash.of(prefix.as_bytes());
+        let prefixes = self.by_hash.get_mut(&hash)?;
+        let found = prefixes.iter_mut().find(|p| p.prefix == prefix)?;
+        Some(&mut found.subscribers)
     }
 
-    /// Notes a prefix that has just lost its last subscriber.
-    fn removed(&mut self, prefix: &str) {
+    /// The subscribers of `prefix`, an empty list for a prefix that had none.
+    fn subscribers_entry(&mut self, prefix: &str) -> &mut Vec<Subscriber> {
+        let hash = self.hash.of(prefix.as_bytes());
+        let prefixes = self.by_hash.entry(hash).or_default();
+        let found = match prefixes.iter().position(|p| p.prefix == prefix) {
+            Some(found) => found,
+            None => {
+                prefixes.push(Prefix {
+                    prefix: prefix.to_owned(),
+                    subscribers: Vec::new(),
+                });
+                *self.lengths.entry(prefix.len()).or_default() += 1;
+                prefixes.len() - 1
+            }
+        };
+        &mut prefixes[found].subscribers
+    }
+
+    /// Removes a prefix that has just lost its last subscriber.
+    fn remove_prefix(&mut self, prefix: &str) {
+        let hash = self.hash.of(prefix.as_bytes());
+        if let Some(prefixes) = self.by_hash.get_mut(&hash) {
+            prefixes.retain(|p| p.prefix != prefix);
+            if prefixes.is_empty() {
+                self.by_hash.remove(&hash);
+            }
+        }
         if let Some(n) = self.lengths.get_mut(&prefix.len()) {
             *n -= 1;
             if *n == 0 {
                 self.lengths.remove(&prefix.len());
             }
         }
-        // Its bit stays set until the filter is rebuilt, after as many removals as there are
-        // prefixes left, so rebuilding costs a constant per subscription.
-        self.filter.stale += 1;
-        if self.filter.stale > self.by_prefix.len().max(64) {
-            self.rebuild_filter();
-        }
     }
 
-    fn rebuild_filter(&mut self) {
-        let bits = self.by_prefix.len() * PrefixFilter::BITS_PER_PREFIX;
-        self.filter.bits = vec![
-            0;
-            bits.div_ceil(64)
-                .next_power_of_two()
-                .max(PrefixFilter::MIN_WORDS)
-        ];
-        self.filter.stale = 0;
-        for prefix in self.by_prefix.keys() {
-            self.filter.insert(prefix);
+    /// Calls `each` for every subscriber whose prefix `key` starts with.
+    fn matching(&self, key: &[u8], mut each: impl FnMut(&Subscriber)) {
+        let mut hash = PrefixHash::EMPTY;
+        let mut hashed = 0;
+        for &len in self.lengths.keys() {
+            if len > key.len() {
+                break;
+            }
+            hash = self.hash.extend(hash, &key[hashed..len]);
+            hashed = len;
+            let Some(prefixes) = self.by_hash.get(&hash) else {
+                continue;
+            };
+            for prefix in prefixes {
+                if prefix.prefix.len() == len && key.starts_with(prefix.prefix.as_bytes()) {
+                    prefix.subscribers.iter().for_each(&mut each);
+                }
+            }
         }
     }
 }
 
-/// Which prefixes may have subscribers: a bit per slot of a prefix's foldhash, set for every
-/// prefix with subscribers. A write checks it before each lookup in `by_prefix`, whose
-/// SipHash was most of what 10,000 idle subscribers added to a write. A clear bit is
-/// certain; a set bit is not (another prefix, or one since gone), so keys crafted to collide
-/// in foldhash, which is fast rather than keyed against attackers, buy only the lookup every
-/// key made before.
-struct PrefixFilter {
-    /// A power of two of words, at least [`PrefixFilter::MIN_WORDS`].
-    bits: Vec<u64>,
-    hasher: foldhash::fast::RandomState,
-    /// Prefixes removed since the last rebuild, whose bits may still be set.
-    stale: usize,
+/// A polynomial hash of byte strings modulo the prime 2^61 - 1, at a point drawn at random
+/// for each hub (Karp and Rabin's fingerprint). A key's prefixes of every length are hashed
+/// in one pass over it, so a write costs the key's length whatever the number of distinct
+/// subscribed lengths (before, each length hashed its prefix anew: 4,096 lengths made a
+/// write of a 4 KiB key hash 8 MiB). Clients never see the point, so they cannot choose
+/// prefixes or keys that collide: two different strings of length n collide with
+/// probability at most n / 2^61.
+struct PrefixHash {
+    point: u64,
 }
 
-impl Default for PrefixFilter {
+impl Default for PrefixHash {
     fn default() -> Self {
         Self {
-            bits: vec![0; Self::MIN_WORDS],
-            hasher: Default::default(),
-            stale: 0,
+            point: rand::random_range(256..Self::PRIME),
         }
     }
 }
 
-impl PrefixFilter {
-    /// With one hash, about one absent prefix in 16 finds its bit set.
-    const BITS_PER_PREFIX: usize = 16;
-    const MIN_WORDS: usize = 8;
+impl PrefixHash {
+    const PRIME: u64 = (1 << 61) - 1;
+    /// The hash of the empty string.
+    const EMPTY: u64 = 0;
 
-    fn slot(&self, prefix: &str) -> (usize, u64) {
-        let bit = self.hasher.hash_one(prefix) as usize & (self.bits.len() * 64 - 1);
-        (bit / 64, 1 << (bit % 64))
+    /// The hash of `bytes`.
+    fn of(&self, bytes: &[u8]) -> u64 {
+        self.extend(Self::EMPTY, bytes)
     }
 
-    fn insert(&mut self, prefix: &str) {
-        let (word, bit) = self.slot(prefix);
-        self.bits[word] |= bit;
+    /// The hash of a string whose hash is `hash`, followed by `more`.
+    fn extend(&self, mut hash: u64, more: &[u8]) -> u64 {
+        for &byte in more {
+            // Each byte counts as 1..=256, so that no string hashes as its extension by zeros.
+            hash = Self::reduce(u128::from(hash) * u128::from(self.point) + u128::from(byte) + 1);
+        }
+        hash
     }
 
-    fn may_have(&self, prefix: &str) -> bool {
-        let (word, bit) = self.slot(prefix);
-        self.bits[word] & bit != 0
+    /// `x` modulo 2^61 - 1, for `x` below 2^122 + 2^62.
+    fn reduce(x: u128) -> u64 {
+        let folded = (x & u128::from(Self::PRIME)) + (x >> 61);
+        let folded = (folded & u128::from(Self::PRIME)) + (folded >> 61);
+        let folded = folded as u64;
+        if folded >= Self::PRIME {
+            folded - Self::PRIME
+        } else {
+            folded
+        }
+    }
+}
+
+/// A hasher for keys that are hashes already, random to clients: it passes them on.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    // The hash is below 2^61; the multiplication spreads it into the top bits, which the
+    // table reads too.
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
     }
 }
 
@@ -377,8 +437,7 @@ impl Hub {
         }
         registry.count += 1;
         self.inner.active.store(registry.count, Ordering::Release);
-        let subscribers = registry.by_prefix.entry(prefix.clone()).or_default();
-        let new_prefix = subscribers.is_empty();
+        let subscribers = registry.subscribers_entry(&prefix);
         let shared = Arc::new(Shared {
             missed: AtomicU64::new(0),
             slot: AtomicUsize::new(subscribers.len()),
@@ -388,9 +447,6 @@ impl Hub {
             tx,
             shared: shared.clone(),
         });
-        if new_prefix {
-            registry.added(&prefix);
-        }
         Ok(Subscription {
             rx,
             min_revision,
@@ -438,28 +494,16 @@ impl Hub {
     }
 
     fn offer(&self, change: &Change, old: Option<&Record>) {
-        let key = change.key();
         let registry = self.lock();
-        for &len in registry.lengths.keys() {
-            if len > key.len() {
-                break;
-            }
-            if !key.is_char_boundary(len) || !registry.filter.may_have(&key[..len]) {
-                continue;
-            }
-            let Some(subscribers) = registry.by_prefix.get(&key[..len]) else {
-                continue;
-            };
-            for subscriber in subscribers {
-                subscriber.offer(change, old);
-            }
-        }
+        registry.matching(change.key().as_bytes(), |subscriber| {
+            subscriber.offer(change, old);
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
         // A panic while holding this lock leaves the registry consistent (every update is a
-        // single push or remove; a rebuild of the filter can fail only by running out of
-        // memory, which aborts), so a poisoned lock is still safe to use.
+        // single push or remove, or a prefix's entry added or taken out), so a poisoned lock
+        // is still safe to use.
         self.inner
             .registry
             .lock()
@@ -468,7 +512,7 @@ impl Hub {
 
     fn unsubscribe(&self, prefix: &str, shared: &Arc<Shared>) {
         let mut registry = self.lock();
-        let Some(subscribers) = registry.by_prefix.get_mut(prefix) else {
+        let Some(subscribers) = registry.subscribers_mut(prefix) else {
             return;
         };
         let slot = shared.slot.load(Ordering::Relaxed);
@@ -478,8 +522,7 @@ impl Hub {
             moved.shared.slot.store(slot, Ordering::Relaxed);
         }
         if subscribers.is_empty() {
-            registry.by_prefix.remove(prefix);
-            registry.removed(prefix);
+            registry.remove_prefix(prefix);
         }
         registry.count -= 1;
         self.inner.active.store(registry.count, Ordering::Release);
@@ -646,6 +689,32 @@ mod tests {
         assert_eq!(user.published_revision(), 6);
     }
 
+    /// A subscriber at every length from 1 to 300 of one letter: a key of that letter
+    /// reaches each, a key of another letter none, and a key's prefixes are hashed in one
+    /// pass whatever the number of lengths.
+    #[test]
+    fn prefixes_of_many_lengths_match_as_prefixes() {
+        let hub = Hub::new(4, 1000);
+        let mut subs: Vec<_> = (1..=300).map(|n| subscribe(&hub, &"a".repeat(n))).collect();
+        hub.publish(&change(&"a".repeat(150), 1), None);
+        hub.publish(&change(&"b".repeat(300), 2), None);
+        for (n, sub) in (1..=300).zip(&mut subs) {
+            let expected: &[&str] = if n <= 150 { &["a"] } else { &[] };
+            let got: Vec<String> = pending(sub).iter().map(|k| k[..1].to_string()).collect();
+            assert_eq!(got, expected, "the subscriber of {n} a's");
+        }
+    }
+
+    #[test]
+    fn a_prefix_hash_extends_the_hash_of_its_start() {
+        let hash = PrefixHash::default();
+        let whole = hash.of(b"user:1/name");
+        assert_eq!(hash.extend(hash.of(b"user:"), b"1/name"), whole);
+        assert_ne!(hash.of(b"user:1/nam"), whole);
+        assert_ne!(hash.of(b""), hash.of(b"\0"), "a zero byte still counts");
+        assert!(whole < PrefixHash::PRIME);
+    }
+
     #[test]
     fn matching_respects_utf8_boundaries() {
         let hub = Hub::new(16, 16);
@@ -654,23 +723,17 @@ mod tests {
         assert_eq!(pending(&mut sub), ["éa"]);
     }
 
-    /// The prefix filter grows as prefixes come and is rebuilt as they go, and never hides
-    /// a prefix that has subscribers.
+    /// Prefixes come and go; every one with subscribers gets its changes, and one that is
+    /// gone gets nothing.
     #[test]
     fn every_prefix_with_subscribers_gets_its_changes_as_prefixes_come_and_go() {
         let hub = Hub::new(4, 2000);
         let mut subs: Vec<_> = (0..1000)
             .map(|i| subscribe(&hub, &format!("p/{i}/")))
             .collect();
-        let grown = hub.lock().filter.bits.len();
-        assert!(
-            grown * 64 >= 1000 * PrefixFilter::BITS_PER_PREFIX,
-            "{grown} words"
-        );
-        // 900 prefixes gone: the filter is rebuilt for the 100 left.
         let mut kept = subs.split_off(900);
         drop(subs);
-        assert!(hub.lock().filter.bits.len() < grown);
+        assert_eq!(hub.lock().by_hash.len(), 100);
         kept.extend((1000..1050).map(|i| subscribe(&hub, &format!("p/{i}/"))));
         let keys: Vec<String> = (900..1050).map(|i| format!("p/{i}/k")).collect();
         for (sub, key) in kept.iter_mut().zip(&keys) {
@@ -693,7 +756,7 @@ mod tests {
         drop(b);
         assert!(hub.is_empty());
         let registry = hub.lock();
-        assert!(registry.by_prefix.is_empty());
+        assert!(registry.by_hash.is_empty());
         assert!(registry.lengths.is_empty());
     }
 
@@ -734,7 +797,7 @@ mod tests {
         }
         assert_eq!(hub.len(), 25);
         subs.clear();
-        assert!(hub.is_empty() && hub.lock().by_prefix.is_empty());
+        assert!(hub.is_empty() && hub.lock().by_hash.is_empty());
     }
 
     #[test]
