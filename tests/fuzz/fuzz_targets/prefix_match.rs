@@ -7,12 +7,10 @@
 #![no_main]
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use arbitrary::Arbitrary;
-use futures_core::Stream;
-use kvstore::pubsub::{Change, ChangeKind, Event, Hub, Lagged, Subscription};
+use kvstore::pubsub::{Change, ChangeKind, Hub, Lagged, Subscription};
 use kvstore::record::{Meta, Record};
 use libfuzzer_sys::fuzz_target;
 
@@ -80,7 +78,7 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Subscribe(letters) => {
                 let prefix = text(letters);
-                let subscribed = hub.subscribe(prefix.clone(), VecDeque::new(), 0, revision);
+                let subscribed = hub.subscribe(prefix.clone(), 0, None);
                 if subscribers.len() == MAX_SUBSCRIBERS {
                     assert!(subscribed.is_err());
                     continue;
@@ -106,7 +104,7 @@ fuzz_target!(|input: Input| {
             Op::Publish(letters) => {
                 let key = text(letters);
                 revision += 1;
-                hub.publish(&change(&key, revision));
+                hub.publish(&change(&key, revision), None);
                 for (_, model) in &mut subscribers {
                     if !key.starts_with(&model.prefix) {
                         continue;
@@ -139,7 +137,7 @@ fuzz_target!(|input: Input| {
                 }
                 while let Some((key, revision)) = model.queue.pop_front() {
                     match poll(subscription) {
-                        Poll::Ready(Some(Ok(Event::Change(change)))) => {
+                        Poll::Ready(Some(Ok(change))) => {
                             assert_eq!((change.key(), change.revision()), (&*key, revision));
                         }
                         other => panic!("expected {key:?} at {revision}, got {other:?}"),
@@ -171,6 +169,6 @@ fn change(key: &str, revision: u64) -> Change {
     }
 }
 
-fn poll(subscription: &mut Subscription) -> Poll<Option<Result<Event, Lagged>>> {
-    Pin::new(subscription).poll_next(&mut Context::from_waker(Waker::noop()))
+fn poll(subscription: &mut Subscription) -> Poll<Option<Result<Change, Lagged>>> {
+    subscription.poll_recv(&mut Context::from_waker(Waker::noop()))
 }
