@@ -6,6 +6,7 @@ mod bad_input;
 mod binaries;
 mod bounded;
 mod client;
+mod conformance;
 mod connections;
 mod faults;
 mod health;
