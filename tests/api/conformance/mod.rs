@@ -82,8 +82,13 @@ fn judge(backend: &str, scenario: &str, run: &Run) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_backend_keeps_the_contract_under_concurrent_clients() {
     for backend in BACKENDS {
-        let run =
-            scenarios::clients((backend.settings)(), seed(), ops(), scenarios::max_time()).await;
+        let run = scenarios::clients(
+            (backend.settings)(),
+            seed(),
+            ops(),
+            scenarios::max_time(ops()),
+        )
+        .await;
         judge(backend.name, "clients", &run);
     }
 }

@@ -377,7 +377,8 @@ pub async fn compaction(mut settings: Settings) -> Run {
     }
 }
 
-/// How long the clients may run at most, whatever their count: a bound, not a target.
-pub fn max_time() -> std::time::Duration {
-    PATIENCE * 6
+/// How long `ops` client calls may take at most: a bound against a hang, not a target
+/// (a debug build makes about 700 calls a second on two cores).
+pub fn max_time(ops: usize) -> std::time::Duration {
+    (PATIENCE * 6).max(std::time::Duration::from_millis(10) * ops as u32)
 }
