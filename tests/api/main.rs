@@ -7,6 +7,7 @@ mod binaries;
 mod bounded;
 mod browser;
 mod client;
+mod conformance;
 mod connections;
 mod faults;
 mod health;
