@@ -161,7 +161,9 @@ fn main() {
         let started = Instant::now();
         for i in 0..2_000u32 {
             let key = format!("{i:04}{}", "b".repeat(4092));
-            store.set(key, "v".into(), SetOptions::default()).expect("no guard");
+            store
+                .set(key, "v".into(), SetOptions::default())
+                .expect("no guard");
         }
         started.elapsed() / 2_000
     };
