@@ -33,6 +33,7 @@ bench=target/release/kvstore-bench
 
 KVSTORE_RATE_LIMIT__PER_CLIENT=5000 KVSTORE_RATE_LIMIT__BURST=10000 \
   KVSTORE_SERVER__HANDSHAKE_TIMEOUT=2s KVSTORE_SUBSCRIPTIONS__MAX=$((subscribers + 1000)) \
+  KVSTORE_SUBSCRIPTIONS__MAX_PER_CLIENT=$((subscribers + 1000)) \
   "$server" --listen 127.0.0.1:0 --health-listen 127.0.0.1:0 >"$work/server.log" 2>&1 &
 server_pid=$!
 pids+=("$server_pid")

@@ -22,7 +22,7 @@ fn store() -> Store {
     let settings = Settings::default();
     let subscriptions = SubscriptionSettings {
         max: LEAVERS + 100,
-        ..settings.subscriptions
+        ..settings.subscriptions.store
     };
     Store::new(subscriptions, settings.history)
 }

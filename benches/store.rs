@@ -31,7 +31,7 @@ fn store(subscribers: usize) -> Store {
     let settings = Settings::default();
     let subscriptions = SubscriptionSettings {
         max: settings.subscriptions.max.max(subscribers),
-        ..settings.subscriptions
+        ..settings.subscriptions.store
     };
     Store::new(subscriptions, settings.history)
 }

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::config::{AuthSettings, Role};
 use crate::http::{grpc_error, is_grpc};
 use crate::pb;
+use crate::rate_limit::RateLimit;
 
 const KV_SERVICE: &str = pb::key_value_store_server::SERVICE_NAME;
 const HEALTH_SERVICE: &str = tonic_health::pb::health_server::SERVICE_NAME;
@@ -249,11 +250,24 @@ struct AuthInner {
     keyring: Keyring,
     protect_reflection: bool,
     protect_metrics: bool,
+    /// Charged for each request refused for its token, by address: the rate limit layer,
+    /// inside this one, sees only the requests let through.
+    rate_limit: Option<RateLimit>,
 }
 
 impl Auth {
     /// Loads the keyring; `None` when `auth.enabled` is false.
     pub fn new(settings: &AuthSettings) -> Result<Option<Self>, KeyringError> {
+        Self::with_rate_limit(settings, None)
+    }
+
+    /// As [`Auth::new`], and requests refused for their token (none, or an unknown one)
+    /// take from their address's bucket of `rate_limit`, so past its rate a flood of bad
+    /// tokens gets the rate limit's refusal instead.
+    pub fn with_rate_limit(
+        settings: &AuthSettings,
+        rate_limit: Option<RateLimit>,
+    ) -> Result<Option<Self>, KeyringError> {
         let keyring = Keyring::load(settings)?;
         if !settings.enabled {
             if !keyring.is_empty() {
@@ -274,6 +288,7 @@ impl Auth {
             keyring,
             protect_reflection: settings.protect_reflection,
             protect_metrics: settings.protect_metrics,
+            rate_limit,
         }))))
     }
 
@@ -347,6 +362,11 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
                 reason = refusal.message(),
                 "refused: unauthenticated"
             );
+            if let Some(limit) = &auth.0.rate_limit
+                && let Some(over_rate) = limit.over_rate_unauthenticated(&request)
+            {
+                return over_rate;
+            }
             return refusal.respond(is_grpc(&request));
         }
     };

@@ -45,7 +45,7 @@ pub struct Settings {
     /// The per-client request rate limit.
     pub rate_limit: RateLimitSettings,
     /// Subscriber buffers and caps.
-    pub subscriptions: SubscriptionSettings,
+    pub subscriptions: Subscriptions,
     /// The retained change history that subscriptions resume from.
     pub history: HistorySettings,
     /// Graceful shutdown timing.
@@ -113,6 +113,9 @@ pub struct ServerSettings {
     /// or one comma-separated string (handy in an environment variable).
     #[serde(deserialize_with = "names")]
     pub allowed_hosts: Vec<String>,
+    /// gRPC health `Watch` streams open at once, from all clients together; more are
+    /// refused with `RESOURCE_EXHAUSTED`. They need no token, so they get a cap of their own.
+    pub max_health_watches: usize,
 }
 
 /// `[limits]`: size limits of keys and values, in bytes.
@@ -208,6 +211,45 @@ pub struct SubscriptionSettings {
     pub max: usize,
 }
 
+/// `[subscriptions]`: the store's part ([`SubscriptionSettings`], which it is built with)
+/// and each client's share, which the gRPC service enforces. Derefs to the store's part, so
+/// `settings.subscriptions.max` reads as the file does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscriptions {
+    /// Buffers and the global cap.
+    #[serde(flatten)]
+    pub store: SubscriptionSettings,
+    /// Subscriptions open at once from one client (its token, else its address, as the
+    /// rate limit keys clients); 0 means a tenth of `max`. See [`Subscriptions::per_client`].
+    pub max_per_client: usize,
+}
+
+impl Subscriptions {
+    /// The per-client share in effect: `max_per_client`, or a tenth of `max` (at least 1)
+    /// when that is 0, so that it follows `max` when that is resized.
+    pub fn per_client(&self) -> usize {
+        match self.max_per_client {
+            0 => (self.store.max / 10).max(1),
+            set => set,
+        }
+    }
+}
+
+impl std::ops::Deref for Subscriptions {
+    type Target = SubscriptionSettings;
+
+    fn deref(&self) -> &SubscriptionSettings {
+        &self.store
+    }
+}
+
+impl std::ops::DerefMut for Subscriptions {
+    fn deref_mut(&mut self) -> &mut SubscriptionSettings {
+        &mut self.store
+    }
+}
+
 /// `[history]`: how many recent changes are kept for resuming subscriptions; the oldest go
 /// first once either bound is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +327,7 @@ impl Default for Settings {
                 keepalive_interval: Duration::from_secs(30),
                 keepalive_timeout: Duration::from_secs(20),
                 allowed_hosts: Vec::new(),
+                max_health_watches: 100,
             },
             limits: Limits {
                 max_key_bytes: 4096,
@@ -306,9 +349,12 @@ impl Default for Settings {
                 per_client: 0,
                 burst: 0,
             },
-            subscriptions: SubscriptionSettings {
-                buffer: 1024,
-                max: 10_000,
+            subscriptions: Subscriptions {
+                store: SubscriptionSettings {
+                    buffer: 1024,
+                    max: 10_000,
+                },
+                max_per_client: 0,
             },
             history: HistorySettings {
                 max_events: 100_000,
@@ -629,6 +675,10 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
         ("limits.max_batch_ops", settings.limits.max_batch_ops),
         ("subscriptions.buffer", settings.subscriptions.buffer),
         ("subscriptions.max", settings.subscriptions.max),
+        (
+            "server.max_health_watches",
+            settings.server.max_health_watches,
+        ),
     ];
     for (key, value) in at_least_one {
         if value == 0 {
@@ -642,6 +692,16 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             &format!(
                 "must be at most server.max_connections ({}), got {}; 0 means a tenth of it",
                 settings.server.max_connections, settings.server.max_connections_per_address
+            ),
+        ));
+    }
+    if settings.subscriptions.max_per_client > settings.subscriptions.max {
+        return Err(invalid(
+            figment,
+            "subscriptions.max_per_client",
+            &format!(
+                "must be at most subscriptions.max ({}), got {}; 0 means a tenth of it",
+                settings.subscriptions.max, settings.subscriptions.max_per_client
             ),
         ));
     }
@@ -1031,10 +1091,12 @@ mod tests {
 
             jail.set_env("KVSTORE_SERVER__LISTEN", "127.0.0.1:1001");
             jail.set_env("KVSTORE_SUBSCRIPTIONS__BUFFER", "8");
+            jail.set_env("KVSTORE_SUBSCRIPTIONS__MAX_PER_CLIENT", "5");
             jail.set_env("KVSTORE_SHUTDOWN__DRAIN_DELAY", "250ms");
             let s = load_in(jail, file.clone()).unwrap().settings;
             assert_eq!(s.server.listen, "127.0.0.1:1001".parse().unwrap());
             assert_eq!(s.subscriptions.buffer, 8);
+            assert_eq!(s.subscriptions.per_client(), 5);
             assert_eq!(s.shutdown.drain_delay, Duration::from_millis(250));
 
             jail.set_env("GRPC_PORT", "1002");
@@ -1058,6 +1120,27 @@ mod tests {
             assert_eq!(s.server.health_listen, None);
             assert_eq!(s.log.level, "warn");
             assert_eq!(s.log.format, LogFormat::Json);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_per_client_share_of_subscriptions_follows_max_unless_set() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let s = load_in(jail, Flags::default()).unwrap().settings;
+            assert_eq!(s.subscriptions.per_client(), 1000);
+            jail.set_env("KVSTORE_SUBSCRIPTIONS__MAX", "5");
+            let loaded = load_in(jail, Flags::default()).unwrap();
+            assert_eq!(
+                loaded.settings.subscriptions.per_client(),
+                1,
+                "at least one"
+            );
+            jail.set_env("KVSTORE_SUBSCRIPTIONS__MAX_PER_CLIENT", "5");
+            let loaded = load_in(jail, Flags::default()).unwrap();
+            assert!(loaded.ignored_env.is_empty(), "{:?}", loaded.ignored_env);
+            assert_eq!(loaded.settings.subscriptions.per_client(), 5);
             Ok(())
         });
     }
@@ -1273,6 +1356,21 @@ mod tests {
                 (
                     with_file("[server]\nmax_connections_per_address = 10001\n")?,
                     "server.max_connections_per_address must be at most server.max_connections (10000)",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[subscriptions]\nmax_per_client = 10001\n")?,
+                    "subscriptions.max_per_client must be at most subscriptions.max (10000)",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[subscriptions]\nmax_per_clients = 1\n")?,
+                    "max_per_clients",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_health_watches = 0\n")?,
+                    "server.max_health_watches must be at least 1",
                     "bad.toml",
                 ),
                 (

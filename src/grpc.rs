@@ -4,11 +4,13 @@
 
 pub mod batch;
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use futures_core::Stream;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Sleep;
@@ -26,6 +28,8 @@ use crate::pb::{
     ListResponse, SetRequest, SetResponse, SubscribeRequest,
 };
 use crate::pubsub::{Change, ChangeKind, Event};
+use crate::rate_limit::client_key_of;
+use crate::share::{Share, Shares};
 use crate::store::{self, Ended, Op, SetOptions, Start, Store, SubscribeError, Subscription};
 use batch::{BatchReply, EncodedBatch, Unread, WireOp};
 
@@ -55,15 +59,18 @@ pub struct KvService {
     limits: Limits,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    shares: Shares,
 }
 
 impl KvService {
-    /// A service over `store`, refusing keys and values over `limits`. Cancelling `shutdown`
-    /// ends every open Subscribe stream with `UNAVAILABLE`, once it has sent what is already
-    /// queued for it. Refusals and delivered events are counted in `metrics`.
+    /// A service over `store`, refusing keys and values over `limits`, and a Subscribe from
+    /// a client with its share of `shares` open. Cancelling `shutdown` ends every open
+    /// Subscribe stream with `UNAVAILABLE`, once it has sent what is already queued for it.
+    /// Refusals and delivered events are counted in `metrics`.
     pub fn new(
         store: Store,
         limits: Limits,
+        shares: Shares,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -72,6 +79,7 @@ impl KvService {
             limits,
             shutdown,
             metrics,
+            shares,
         }
     }
 
@@ -404,11 +412,20 @@ impl KeyValueStore for KvService {
 
     /// Prefix match; an empty `key_pattern` matches every key. The subscription is
     /// registered before this returns, so the client sees every write made after it has the
-    /// response headers.
+    /// response headers. A client (its token, else its address) with
+    /// `subscriptions.max_per_client` streams open is refused with `RESOURCE_EXHAUSTED`; its
+    /// PROGRESS events, all streams together, come at most `PROGRESS_PER_CLIENT` a second.
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let client = client_key_of(
+            request.extensions().get::<Caller>(),
+            request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(peer)| *peer),
+        );
         let SubscribeRequest {
             key_pattern,
             start_revision,
@@ -435,6 +452,11 @@ impl KeyValueStore for KvService {
                 )));
             }
         };
+        // Taken before the store's place, and given back if that is refused.
+        let share = self.shares.take(client).map_err(|at_share| {
+            self.metrics.refused(Limit::SubscriptionsMaxPerClient);
+            Status::resource_exhausted(at_share.to_string())
+        })?;
         let subscription = self
             .store
             .subscribe(key_pattern, start)
@@ -454,9 +476,13 @@ impl KeyValueStore for KvService {
             in_snapshot: initial,
             subscription,
             shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
-            progress: progress.map(|every| (every, Box::pin(tokio::time::sleep(every)))),
+            progress: progress.map(|every| {
+                let first = every.max(share.progress_floor());
+                (every, Box::pin(tokio::time::sleep(first)))
+            }),
             delivered: self.metrics.events_delivered(),
             ended: false,
+            share,
         }))
     }
 }
@@ -478,6 +504,8 @@ pub struct ChangeStream {
     /// Counts the change events sent, not the PROGRESS ones.
     delivered: Counter,
     ended: bool,
+    /// This stream's place in its client's share, given back when the stream is dropped.
+    share: Share,
 }
 
 impl ChangeStream {
@@ -497,7 +525,10 @@ impl ChangeStream {
             self.last_revision = self.last_revision.max(event.revision.unsigned_abs());
         }
         if let Some((every, timer)) = &mut self.progress {
-            timer.as_mut().reset(tokio::time::Instant::now() + *every);
+            // Slower than asked when the client has many streams open: its progress events
+            // together stay within the budget.
+            let wait = (*every).max(self.share.progress_floor());
+            timer.as_mut().reset(tokio::time::Instant::now() + wait);
         }
         Poll::Ready(Some(Ok(event)))
     }
@@ -613,9 +644,10 @@ mod tests {
             max_http_body_bytes: 1024,
         };
         let defaults = crate::config::Settings::default();
-        let store = Store::new(defaults.subscriptions, defaults.history);
+        let store = Store::new(defaults.subscriptions.store, defaults.history);
         let metrics = Arc::new(Metrics::new());
-        KvService::new(store, limits, CancellationToken::new(), metrics)
+        let shares = Shares::new(defaults.subscriptions.per_client());
+        KvService::new(store, limits, shares, CancellationToken::new(), metrics)
     }
 
     fn set(key: &str, value: &str) -> Request<SetRequest> {

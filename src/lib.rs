@@ -10,7 +10,8 @@
 //!   buffer.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion;
 //!   [`grpc::batch`], the Batch method's own codec.
-//! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`).
+//! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`); [`health_watch`]: the cap
+//!   on gRPC health Watch streams.
 //! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes;
 //!   the header limit in front of every route.
 //! - [`request_body`]: every gRPC request message held to a size, a time to arrive and one
@@ -18,7 +19,8 @@
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
 //! - [`browser`]: what keeps web pages out: gRPC only as gRPC, the Host check of the HTTP
 //!   routes (`server.allowed_hosts`).
-//! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit.
+//! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit;
+//!   [`share`]: each client's share of the open subscriptions and of their progress events.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
 //!   the accept loop and its connection limits.
 //! - [`open_files`]: the open-file limit, raised at start-up; it caps connections when low.
@@ -34,6 +36,7 @@ pub mod codec;
 pub mod config;
 pub mod endpoint;
 pub mod grpc;
+pub mod health_watch;
 pub mod http;
 mod index;
 pub mod legacy_args;
@@ -45,6 +48,7 @@ pub mod rate_limit;
 pub mod record;
 pub mod request_body;
 pub mod server;
+pub mod share;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

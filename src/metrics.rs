@@ -202,10 +202,14 @@ pub enum Limit {
     /// `server.allowed_hosts`: an HTTP route that reads data was asked for by a name that
     /// is not allowed (DNS rebinding).
     AllowedHosts,
+    /// `subscriptions.max_per_client`: a client with its share of streams open subscribed.
+    SubscriptionsMaxPerClient,
+    /// `server.max_health_watches`: a gRPC health Watch was refused.
+    MaxHealthWatches,
 }
 
 impl Limit {
-    const ALL: [Self; 15] = [
+    const ALL: [Self; 17] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -221,6 +225,8 @@ impl Limit {
         Self::RequestBodyTimeout,
         Self::MaxRequestBytesInFlight,
         Self::AllowedHosts,
+        Self::SubscriptionsMaxPerClient,
+        Self::MaxHealthWatches,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -241,6 +247,8 @@ impl Limit {
             Self::RequestBodyTimeout => "server.request_body_timeout",
             Self::MaxRequestBytesInFlight => "server.max_request_bytes_in_flight",
             Self::AllowedHosts => "server.allowed_hosts",
+            Self::SubscriptionsMaxPerClient => "subscriptions.max_per_client",
+            Self::MaxHealthWatches => "server.max_health_watches",
         }
     }
 }

@@ -33,9 +33,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// The gRPC retry pushback trailer (gRFC A6): clients with a retry policy wait this long.
 const PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
 
-/// Whose bucket a request takes from.
+/// Who a client is, for its bucket here and its share of subscriptions (`share`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum ClientKey {
+pub(crate) enum ClientKey {
     /// A token's position in the keyring: every connection using it shares one bucket.
     Token(usize),
     /// The peer's address; IPv6 by its /64, which one host usually has whole.
@@ -121,21 +121,44 @@ pub async fn rate_limit(State(limit): State<RateLimit>, request: Request, next: 
     let key = client_key(&request);
     match limit.check(&key) {
         Ok(()) => next.run(request).await,
-        Err(wait) => {
-            debug!(client = ?key, path = request.uri().path(), "refused: rate limit");
-            limit.0.metrics.refused(Limit::RatePerClient);
-            refuse(limit.0.per_client, wait, is_grpc(&request))
-        }
+        Err(wait) => limit.refuse(&key, &request, wait),
     }
 }
 
-fn client_key(request: &Request) -> ClientKey {
-    if let Some(caller) = request.extensions().get::<Caller>() {
-        return ClientKey::Token(caller.index);
+impl RateLimit {
+    /// Takes one request from the bucket of the address of `request`, which authentication
+    /// is refusing (no token, or an unknown one), so that a flood of bad tokens is throttled
+    /// like any other client's calls. The rate limit's refusal, to send instead of
+    /// authentication's, if the address is over its rate.
+    pub(crate) fn over_rate_unauthenticated(&self, request: &Request) -> Option<Response> {
+        let key = client_key_of(None, peer(request));
+        let wait = self.check(&key).err()?;
+        Some(self.refuse(&key, request, wait))
     }
-    match request.extensions().get::<ConnectInfo<SocketAddr>>() {
-        Some(ConnectInfo(peer)) => ClientKey::Peer(peer_key(peer.ip())),
-        None => ClientKey::Unknown,
+
+    fn refuse(&self, key: &ClientKey, request: &Request, wait: Duration) -> Response {
+        debug!(client = ?key, path = request.uri().path(), "refused: rate limit");
+        self.0.metrics.refused(Limit::RatePerClient);
+        refuse(self.0.per_client, wait, is_grpc(request))
+    }
+}
+
+fn peer(request: &Request) -> Option<SocketAddr> {
+    let ConnectInfo(peer) = request.extensions().get::<ConnectInfo<SocketAddr>>()?;
+    Some(*peer)
+}
+
+fn client_key(request: &Request) -> ClientKey {
+    client_key_of(request.extensions().get::<Caller>(), peer(request))
+}
+
+/// The client a call is from: its token when authentication accepted one (`caller`), else
+/// its address (`peer`).
+pub(crate) fn client_key_of(caller: Option<&Caller>, peer: Option<SocketAddr>) -> ClientKey {
+    match (caller, peer) {
+        (Some(caller), _) => ClientKey::Token(caller.index),
+        (None, Some(peer)) => ClientKey::Peer(peer_key(peer.ip())),
+        (None, None) => ClientKey::Unknown,
     }
 }
 

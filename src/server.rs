@@ -43,6 +43,7 @@ use crate::auth::{self, Auth};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
 use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::grpc::{self, KvService};
+use crate::health_watch::{self, HealthWatches};
 use crate::http;
 use crate::metrics::{self, Connections, Exporter, Limit, Metrics, Rpc, RpcLayer};
 use crate::middleware::{Guard, HeaderLimit, HeaderLimited};
@@ -51,6 +52,7 @@ use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit, peer_key};
 use crate::request_body::RequestBodies;
+use crate::share::Shares;
 use crate::store::Store;
 use crate::telemetry::Escaped;
 use crate::tls;
@@ -80,7 +82,7 @@ pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
         ),
         None => None,
     };
-    let store = Store::new(settings.subscriptions, settings.history);
+    let store = Store::new(settings.subscriptions.store, settings.history);
     Ok(Server {
         settings,
         store,
@@ -268,8 +270,15 @@ fn main_router(
     auth::warn_if_exposed(&settings.auth, settings.server.listen);
     let metrics = layers.exporter.metrics();
     let guard = layers.guard.clone();
-    let kv =
-        KvService::new(store, settings.limits, end_streams.clone(), metrics.clone()).into_server();
+    let shares = Shares::new(settings.subscriptions.per_client());
+    let kv = KvService::new(
+        store,
+        settings.limits,
+        shares,
+        end_streams.clone(),
+        metrics.clone(),
+    )
+    .into_server();
     // The layers go on the service, not on the router: each `Router::layer` boxes every
     // route again, and a box is an allocation and a clone per call. What is not gRPC is
     // refused before it counts as a call. The message is read before the guard, so a call
@@ -302,7 +311,15 @@ fn main_router(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     // Held to the same timeout and budget as the KV service, with their own message sizes.
+    let watches = HealthWatches::new(
+        settings.server.max_health_watches,
+        layers.exporter.metrics(),
+    );
     let health = ServiceBuilder::new()
+        .layer(axum::middleware::from_fn_with_state(
+            watches,
+            health_watch::limit,
+        ))
         .layer(layers.bodies.whole(HEALTH_MESSAGE_BYTES))
         .map_response(IntoResponse::into_response);
     let reflection_messages = layers.bodies.streaming(REFLECTION_MESSAGE_BYTES);
@@ -375,9 +392,10 @@ struct Access {
 
 impl Access {
     fn new(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let rate_limit = RateLimit::new(settings.rate_limit, metrics);
         Ok(Self {
-            auth: Auth::new(&settings.auth)?,
-            rate_limit: RateLimit::new(settings.rate_limit, metrics),
+            auth: Auth::with_rate_limit(&settings.auth, rate_limit.clone())?,
+            rate_limit,
         })
     }
 

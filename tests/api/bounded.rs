@@ -292,6 +292,7 @@ async fn unread_snapshots_of_a_large_prefix_hold_a_page_each_not_the_prefix() {
     }
     let mut settings = test_settings();
     settings.subscriptions.max = 200;
+    settings.subscriptions.max_per_client = 200;
     let server = spawn_with(settings).await;
     for i in 0..200_000 {
         server

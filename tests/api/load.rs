@@ -196,6 +196,8 @@ async fn subscribe_all(channels: &[Channel]) -> Vec<Streaming<ChangeEvent>> {
 async fn ten_thousand_subscribers_get_every_event_and_leave_nothing_behind() {
     let server = ServerProcess::start(&[
         ("KVSTORE_SUBSCRIPTIONS__MAX", "10000"),
+        // Every subscriber is on 127.0.0.1: one client, given the whole server.
+        ("KVSTORE_SUBSCRIPTIONS__MAX_PER_CLIENT", "10000"),
         ("KVSTORE_SERVER__MAX_STREAMS_PER_CONNECTION", "200"),
     ])
     .await;
@@ -263,13 +265,23 @@ async fn hold_and_release(server: &ServerProcess, round: usize, baseline: u64) -
         .await;
     let open = server.rss();
 
-    // One more is refused, naming the limit.
-    let status = writers[0]
+    // One more, from another address (so not for the first one's share), is refused,
+    // naming the limit.
+    let another = Endpoint::from_shared(format!("http://{}", server.main))
+        .unwrap()
+        .local_address(Some([127, 0, 0, 2].into()))
+        .connect()
+        .await
+        .unwrap();
+    let status = KeyValueStoreClient::new(another)
         .subscribe(SubscribeRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("subscriptions.max"), "{status:?}");
+    assert!(
+        status.message().contains("(subscriptions.max)"),
+        "{status:?}"
+    );
 
     let mut readers = JoinSet::new();
     for (subscriber, mut stream) in streams.into_iter().enumerate() {

@@ -20,6 +20,7 @@ mod metrics;
 mod open_files;
 mod proxy;
 mod rate_limit;
+mod share;
 mod shutdown;
 mod subscribe;
 mod tls;

@@ -135,7 +135,8 @@ async fn after_known_traffic_every_counter_has_exactly_the_expected_value() {
     let mut settings = test_settings();
     settings.limits.max_value_bytes = 16;
     settings.limits.max_batch_ops = 2;
-    settings.subscriptions.max = 1;
+    settings.subscriptions.max = 2;
+    settings.subscriptions.max_per_client = 1;
     let server = spawn_with(settings).await;
     let channel = server.channel().await;
     let mut client = KeyValueStoreClient::new(channel.clone());
@@ -250,7 +251,8 @@ async fn after_known_traffic_every_counter_has_exactly_the_expected_value() {
     for (limit, n) in [
         ("limits.max_value_bytes", 1.0),
         ("limits.max_batch_ops", 1.0),
-        ("subscriptions.max", 1.0),
+        ("subscriptions.max_per_client", 1.0),
+        ("subscriptions.max", 0.0),
         ("limits.max_key_bytes", 0.0),
         ("server.max_in_flight", 0.0),
         ("server.request_timeout", 0.0),

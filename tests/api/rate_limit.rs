@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
+use kvstore::auth::BearerToken;
 use kvstore::config::{RateLimitSettings, Settings};
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::{GetRequest, SubscribeRequest};
@@ -121,6 +122,52 @@ async fn without_auth_each_peer_address_has_its_own_bucket() {
         .get(get())
         .await
         .unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_and_missing_tokens_take_from_their_address_bucket() {
+    let server = spawn_with(limited(auth_settings(), 1, 2)).await;
+    let with_token = async |source: &str, token: &str| {
+        let channel = Endpoint::from_shared(server.grpc_url())
+            .unwrap()
+            .local_address(Some(source.parse::<IpAddr>().unwrap()))
+            .connect()
+            .await
+            .unwrap();
+        KeyValueStoreClient::with_interceptor(channel, BearerToken::parse(token).unwrap())
+    };
+    let mut intruder = with_token("127.0.0.1", "not-a-configured-token").await;
+    for _ in 0..2 {
+        let status = intruder.get(get()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    let status = intruder.get(get()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("(rate_limit.per_client)"),
+        "{status:?}"
+    );
+    // No token at all is the same address's bucket.
+    let status = client_from(&server, "127.0.0.1")
+        .await
+        .get(get())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // Another address is not throttled, nor is a valid token on the flooding address.
+    let status = with_token("127.0.0.2", "not-a-configured-token")
+        .await
+        .get(get())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    with_token("127.0.0.1", READER)
+        .await
+        .get(get())
+        .await
+        .expect("a token's own bucket");
     server.shutdown().await;
 }
 

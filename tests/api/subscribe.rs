@@ -9,7 +9,7 @@ use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::{ChangeEvent, GetRequest, SetRequest, SubscribeRequest};
 use kvstore::store::SetOptions;
 use tokio::time::timeout;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
 use crate::helpers::{PATIENCE, spawn_server, spawn_with, test_settings};
@@ -234,11 +234,20 @@ async fn a_subscriber_that_falls_behind_is_ended_with_resource_exhausted_and_no_
 async fn subscriptions_past_the_cap_are_refused_until_one_closes() {
     let mut settings = test_settings();
     settings.subscriptions.max = 2;
+    settings.subscriptions.max_per_client = 2;
     let server = spawn_with(settings).await;
     let mut client = server.client().await;
     let first = subscribe(&mut client, "a").await;
     let _second = subscribe(&mut client, "b").await;
-    let status = client
+    // From another address, so that it is the server's cap that refuses, not a share.
+    let another = Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .local_address(Some([127, 0, 0, 2].into()))
+        .connect()
+        .await
+        .unwrap();
+    let mut another = KeyValueStoreClient::new(another);
+    let status = another
         .subscribe(SubscribeRequest {
             key_pattern: "c".into(),
             ..Default::default()
@@ -247,13 +256,13 @@ async fn subscriptions_past_the_cap_are_refused_until_one_closes() {
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(
-        status.message().contains("subscriptions.max"),
+        status.message().contains("(subscriptions.max)"),
         "{}",
         status.message()
     );
     drop(first);
     server.wait_for_subscriptions(1).await;
-    let _third = subscribe(&mut client, "c").await;
+    let _third = subscribe(&mut another, "c").await;
     server.shutdown().await;
 }
 
