@@ -202,10 +202,13 @@ pub enum Limit {
     /// `server.allowed_hosts`: an HTTP route that reads data was asked for by a name that
     /// is not allowed (DNS rebinding).
     AllowedHosts,
+    /// `server.max_control_frames`: an HTTP/2 connection was closed for sending more frames
+    /// that do no work (WINDOW_UPDATE, SETTINGS, PING, empty DATA, ...) than its work allows.
+    MaxControlFrames,
 }
 
 impl Limit {
-    const ALL: [Self; 15] = [
+    const ALL: [Self; 16] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -221,6 +224,7 @@ impl Limit {
         Self::RequestBodyTimeout,
         Self::MaxRequestBytesInFlight,
         Self::AllowedHosts,
+        Self::MaxControlFrames,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -241,6 +245,7 @@ impl Limit {
             Self::RequestBodyTimeout => "server.request_body_timeout",
             Self::MaxRequestBytesInFlight => "server.max_request_bytes_in_flight",
             Self::AllowedHosts => "server.allowed_hosts",
+            Self::MaxControlFrames => "server.max_control_frames",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! legacy health port, and runs until shutdown, then drains within the deadline. Owns the
 //! accept loop and every connection-level limit and timeout.
 
+mod control;
 mod partial;
 
 use std::collections::HashMap;
@@ -445,6 +446,7 @@ struct Listener {
     files: Option<Arc<FileCap>>,
     handshake_timeout: Duration,
     idle_timeout: Option<Duration>,
+    max_control_frames: u32,
 }
 
 impl Listener {
@@ -494,6 +496,7 @@ impl Listener {
             files: files.clone(),
             handshake_timeout: settings.handshake_timeout,
             idle_timeout,
+            max_control_frames: settings.max_control_frames,
         })
     }
 }
@@ -976,6 +979,7 @@ async fn serve_http<IO>(
         io,
         activity.clone(),
         shared.handshake_timeout,
+        shared.max_control_frames,
     ));
     // Per-client rate limiting keys unauthenticated clients by their address.
     let service = TowerToHyperService::new(Tracked {
@@ -1039,6 +1043,10 @@ async fn serve_http<IO>(
         // Its reads failed: hyper has dropped the connection without a word.
         debug!(listener = shared.name, %peer, "a request or frame partly received for longer than server.handshake_timeout, closed");
         shared.metrics.refused(Limit::HandshakeTimeout);
+    } else if activity.control_flood.load(Ordering::Relaxed) {
+        // Closed with a GOAWAY (ENHANCE_YOUR_CALM) written by `partial`, if the socket took it.
+        debug!(listener = shared.name, %peer, "HTTP/2 frames that do no work spent server.max_control_frames, closed");
+        shared.metrics.refused(Limit::MaxControlFrames);
     } else if let Err(err) = result {
         debug!(listener = shared.name, %peer, error = %err, "connection closed with an error");
     }
@@ -1063,6 +1071,9 @@ struct Activity {
     epoch: Instant,
     /// Set when [`partial::Partial`] failed a read for a partial request out of time.
     partial_timed_out: AtomicBool,
+    /// Set when [`partial::Partial`] closed the connection for spending its budget of
+    /// frames that do no work.
+    control_flood: AtomicBool,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -1080,6 +1091,7 @@ impl Activity {
             last_end: AtomicU64::new(NEVER),
             epoch,
             partial_timed_out: AtomicBool::new(false),
+            control_flood: AtomicBool::new(false),
         }
     }
 
