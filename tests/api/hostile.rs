@@ -362,8 +362,14 @@ async fn flood(addr: SocketAddr, opening: &[u8], frame: &[u8], count: usize) -> 
 
 /// Floods the server with `frame`, `count` times after `opening`, and checks that the
 /// connection was closed with a GOAWAY saying ENHANCE_YOUR_CALM and naming `cut_by` in its
-/// debug data, while a well-behaved client on another connection keeps working.
-async fn flood_is_cut(opening: &[u8], frame: &[u8], count: usize, cut_by: &str) {
+/// debug data, while a well-behaved client on another connection keeps working. Returns the
+/// frames the flooding connection received.
+async fn flood_is_cut(
+    opening: &[u8],
+    frame: &[u8],
+    count: usize,
+    cut_by: &str,
+) -> Vec<(u8, Vec<u8>)> {
     let server = spawn_with(settings()).await;
     let mut client = server.client().await;
     let frames = flood(server.grpc_addr, opening, frame, count).await;
@@ -390,6 +396,7 @@ async fn flood_is_cut(opening: &[u8], frame: &[u8], count: usize, cut_by: &str) 
     let ours = f64::from(u8::from(cut_by == "server.max_control_frames"));
     assert_eq!(m.refusals("server.max_control_frames"), ours);
     server.shutdown().await;
+    frames
 }
 
 // Each flood is twice the default budget of 1000 frames: the connection must be cut before
@@ -413,7 +420,11 @@ async fn a_flood_of_settings_frames_is_cut_by_their_parameter_count() {
 #[tokio::test]
 async fn a_ping_flood_is_cut_with_enhance_your_calm() {
     let ping = raw_frame(PING, 0, 0, &[7; 8]);
-    flood_is_cut(&[], &ping, 2000, "server.max_control_frames").await;
+    let frames = flood_is_cut(&[], &ping, 2000, "server.max_control_frames").await;
+    // Every PING read before the cut is answered: the budget and what the server's opening
+    // frames and the clock earn, no more.
+    let acks = frames.iter().filter(|(kind, _)| *kind == PING).count();
+    assert!((1000..1100).contains(&acks), "{acks} PINGs answered");
 }
 
 /// h2 (since 0.4.20) closes a connection after 100 empty DATA frames that do not end their
