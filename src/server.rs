@@ -963,7 +963,8 @@ async fn connection(
 
 /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes, or until the connection is
 /// closed for sending no request within `server.handshake_timeout`, for a request or HTTP/2
-/// frame partly received for as long (see [`partial`]), for having no open request for
+/// frame partly received for as long (see [`partial`]), for HTTP/2 frames that do no work
+/// past `server.max_control_frames` (see [`control`]), for having no open request for
 /// `server.idle_timeout`, or for shutdown.
 async fn serve_http<IO>(
     io: IO,

