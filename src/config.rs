@@ -20,6 +20,10 @@ pub const ENV_PREFIX: &str = "KVSTORE_";
 /// hyper refuses a smaller HTTP/1.1 read buffer, which is what bounds HTTP/1.1 headers.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
+/// The least `server.max_control_frames`: room for a client's opening SETTINGS, its
+/// WINDOW_UPDATEs and a burst of cancelled calls' RST_STREAMs before any answer earns more.
+const MIN_CONTROL_FRAMES: u32 = 100;
+
 /// Variables with [`ENV_PREFIX`] that are not settings but are expected: the config file
 /// path, and the client's endpoint, token and TLS files (the two binaries often share an
 /// environment).
@@ -91,6 +95,10 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<Cidr>,
     /// HTTP/2 streams open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
+    /// HTTP/2 frames that do no work (WINDOW_UPDATE, SETTINGS parameters, PING, empty DATA,
+    /// ...) one connection may send beyond what its work earns; past it the connection gets
+    /// a GOAWAY (ENHANCE_YOUR_CALM) and is closed.
+    pub max_control_frames: u32,
     /// The most bytes of a request's header list, counted as HTTP/2 counts it over both
     /// protocols (see `middleware::header_list_size`); hyper and h2 refuse at twice this.
     pub max_header_bytes: usize,
@@ -321,6 +329,7 @@ impl Default for Settings {
                 max_connections_per_address: 0,
                 trusted_proxies: Vec::new(),
                 max_streams_per_connection: 200,
+                max_control_frames: 1000,
                 max_header_bytes: 16 * 1024,
                 handshake_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(5 * 60),
@@ -728,6 +737,16 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
                  limits.max_value_bytes + {} bytes of framing = {one_item}), got {}",
                 crate::record::ANSWER_OVERHEAD,
                 settings.limits.max_response_bytes
+            ),
+        ));
+    }
+    if settings.server.max_control_frames < MIN_CONTROL_FRAMES {
+        return Err(invalid(
+            figment,
+            "server.max_control_frames",
+            &format!(
+                "must be at least {MIN_CONTROL_FRAMES}, so that a client's opening frames fit, got {}",
+                settings.server.max_control_frames
             ),
         ));
     }
@@ -1336,6 +1355,11 @@ mod tests {
                 (
                     with_file("[server]\nmax_request_bytes_in_flight = 4194304\n")?,
                     "server.max_request_bytes_in_flight must be at least 4194309",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_control_frames = 99\n")?,
+                    "server.max_control_frames must be at least 100",
                     "bad.toml",
                 ),
                 (

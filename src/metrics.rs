@@ -206,10 +206,13 @@ pub enum Limit {
     SubscriptionsMaxPerClient,
     /// `server.max_health_watches`: a gRPC health Watch was refused.
     MaxHealthWatches,
+    /// `server.max_control_frames`: an HTTP/2 connection was closed for sending more frames
+    /// that do no work (WINDOW_UPDATE, SETTINGS, PING, empty DATA, ...) than its work allows.
+    MaxControlFrames,
 }
 
 impl Limit {
-    const ALL: [Self; 17] = [
+    const ALL: [Self; 18] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -227,6 +230,7 @@ impl Limit {
         Self::AllowedHosts,
         Self::SubscriptionsMaxPerClient,
         Self::MaxHealthWatches,
+        Self::MaxControlFrames,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -249,6 +253,7 @@ impl Limit {
             Self::AllowedHosts => "server.allowed_hosts",
             Self::SubscriptionsMaxPerClient => "subscriptions.max_per_client",
             Self::MaxHealthWatches => "server.max_health_watches",
+            Self::MaxControlFrames => "server.max_control_frames",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! legacy health port, and runs until shutdown, then drains within the deadline. Owns the
 //! accept loop and every connection-level limit and timeout.
 
+mod control;
 mod partial;
 
 use std::collections::HashMap;
@@ -463,6 +464,7 @@ struct Listener {
     files: Option<Arc<FileCap>>,
     handshake_timeout: Duration,
     idle_timeout: Option<Duration>,
+    max_control_frames: u32,
 }
 
 impl Listener {
@@ -512,6 +514,7 @@ impl Listener {
             files: files.clone(),
             handshake_timeout: settings.handshake_timeout,
             idle_timeout,
+            max_control_frames: settings.max_control_frames,
         })
     }
 }
@@ -978,7 +981,8 @@ async fn connection(
 
 /// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes, or until the connection is
 /// closed for sending no request within `server.handshake_timeout`, for a request or HTTP/2
-/// frame partly received for as long (see [`partial`]), for having no open request for
+/// frame partly received for as long (see [`partial`]), for HTTP/2 frames that do no work
+/// past `server.max_control_frames` (see [`control`]), for having no open request for
 /// `server.idle_timeout`, or for shutdown.
 async fn serve_http<IO>(
     io: IO,
@@ -994,6 +998,7 @@ async fn serve_http<IO>(
         io,
         activity.clone(),
         shared.handshake_timeout,
+        shared.max_control_frames,
     ));
     // Per-client rate limiting keys unauthenticated clients by their address.
     let service = TowerToHyperService::new(Tracked {
@@ -1057,6 +1062,10 @@ async fn serve_http<IO>(
         // Its reads failed: hyper has dropped the connection without a word.
         debug!(listener = shared.name, %peer, "a request or frame partly received for longer than server.handshake_timeout, closed");
         shared.metrics.refused(Limit::HandshakeTimeout);
+    } else if activity.control_flood.load(Ordering::Relaxed) {
+        // Closed with a GOAWAY (ENHANCE_YOUR_CALM) written by `partial`, if the socket took it.
+        debug!(listener = shared.name, %peer, "HTTP/2 frames that do no work spent server.max_control_frames, closed");
+        shared.metrics.refused(Limit::MaxControlFrames);
     } else if let Err(err) = result {
         debug!(listener = shared.name, %peer, error = %err, "connection closed with an error");
     }
@@ -1081,6 +1090,9 @@ struct Activity {
     epoch: Instant,
     /// Set when [`partial::Partial`] failed a read for a partial request out of time.
     partial_timed_out: AtomicBool,
+    /// Set when [`partial::Partial`] closed the connection for spending its budget of
+    /// frames that do no work.
+    control_flood: AtomicBool,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -1098,6 +1110,7 @@ impl Activity {
             last_end: AtomicU64::new(NEVER),
             epoch,
             partial_timed_out: AtomicBool::new(false),
+            control_flood: AtomicBool::new(false),
         }
     }
 

@@ -1,19 +1,21 @@
-//! Holds a request partly received to `server.handshake_timeout`, whatever the connection did
-//! before: a wrapper around the connection's bytes (after TLS) that follows HTTP/2 frame
-//! boundaries, or for HTTP/1.1 notes bytes arriving while no request is open, and fails the
-//! read once a frame or request has been incomplete for that long. Only the clock is here;
-//! `serve_http` decides everything else about the connection's life.
+//! Follows a connection's HTTP/2 frames (after TLS), parsing only their 9-byte headers, both
+//! ways. It holds a request partly received to `server.handshake_timeout`, whatever the
+//! connection did before: for HTTP/1.1 it notes bytes arriving while no request is open, and
+//! it fails the read once a frame or request has been incomplete for that long. And it
+//! charges frames that do no work to the connection's [`ControlBudget`]. Only the clock and
+//! the budget are here; `serve_http` decides everything else about the connection's life.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::control::{ControlBudget, FrameHeader};
 use super::{Activity, Quiet};
 
 /// The client's first bytes on an HTTP/2 connection (RFC 9113 §3.4).
@@ -41,8 +43,18 @@ enum Framing {
 }
 
 impl Framing {
-    /// Follows `bytes`; returns whether a frame (or the preface) ended among them.
-    fn consume(&mut self, mut bytes: &[u8]) -> bool {
+    /// Where the server's own bytes start: it sends no preface.
+    fn http2() -> Self {
+        Self::Http2 {
+            header: [0; FRAME_HEADER],
+            have: 0,
+            payload: 0,
+        }
+    }
+
+    /// Follows `bytes`, handing each complete frame header to `frame`; returns whether a
+    /// frame (or the preface) ended among them.
+    fn consume(&mut self, mut bytes: &[u8], frame: &mut impl FnMut(FrameHeader)) -> bool {
         let mut ended = false;
         while !bytes.is_empty() {
             match self {
@@ -56,11 +68,7 @@ impl Framing {
                     bytes = &bytes[take..];
                     if *matched == PREFACE.len() {
                         ended = true;
-                        *self = Self::Http2 {
-                            header: [0; FRAME_HEADER],
-                            have: 0,
-                            payload: 0,
-                        };
+                        *self = Self::http2();
                     }
                 }
                 Self::Http1 => return ended,
@@ -82,8 +90,10 @@ impl Framing {
                     bytes = &bytes[take..];
                     if *have == FRAME_HEADER {
                         *have = 0;
-                        *payload = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+                        let header = FrameHeader::parse(header);
+                        *payload = header.len;
                         ended |= *payload == 0;
+                        frame(header);
                     }
                 }
             }
@@ -102,10 +112,17 @@ impl Framing {
 }
 
 /// A connection's byte stream, whose reads fail with `TimedOut` once a request or frame has
-/// been partly received for longer than `timeout`. Writes pass through untouched.
+/// been partly received for longer than `timeout`, and fail for good once the client's
+/// frames that do no work have spent its budget. Writes pass through, followed on HTTP/2 to
+/// credit the budget, until then.
 pub(super) struct Partial<S> {
     inner: S,
     framing: Framing,
+    /// The server's frames, once the client's preface says HTTP/2.
+    sent: Option<Framing>,
+    budget: ControlBudget,
+    /// Set once the budget is spent: the connection is being closed.
+    flooded: bool,
     /// When the incomplete frame or request began arriving.
     since: Option<Instant>,
     timeout: Duration,
@@ -116,10 +133,18 @@ pub(super) struct Partial<S> {
 }
 
 impl<S> Partial<S> {
-    pub(super) fn new(inner: S, activity: Arc<Activity>, timeout: Duration) -> Self {
+    pub(super) fn new(
+        inner: S,
+        activity: Arc<Activity>,
+        timeout: Duration,
+        max_control_frames: u32,
+    ) -> Self {
         Self {
             inner,
             framing: Framing::Preface(0),
+            sent: None,
+            budget: ControlBudget::new(max_control_frames),
+            flooded: false,
             since: None,
             timeout,
             sleep: None,
@@ -127,8 +152,17 @@ impl<S> Partial<S> {
         }
     }
 
-    fn received(&mut self, bytes: &[u8]) {
-        let ended = self.framing.consume(bytes);
+    /// Follows what the client sent; false if its frames have spent the budget.
+    fn received(&mut self, bytes: &[u8]) -> bool {
+        let mut within = true;
+        let budget = &mut self.budget;
+        let ended = self
+            .framing
+            .consume(bytes, &mut |frame| within &= budget.received(frame));
+        if self.sent.is_none() && matches!(self.framing, Framing::Http2 { .. }) {
+            // hyper writes nothing before it has read the whole preface.
+            self.sent = Some(Framing::http2());
+        }
         // The clock is read only when a partial request begins: most reads end on a frame
         // boundary, or while a request is open.
         self.since = match self.framing.mid_frame() {
@@ -143,6 +177,15 @@ impl<S> Partial<S> {
                 Quiet::NeverUsed | Quiet::Since(_) => Some(self.since.unwrap_or_else(Instant::now)),
             },
         };
+        within
+    }
+
+    /// Follows what the server wrote: its frames the client answers credit the budget.
+    fn wrote(&mut self, bytes: &[u8]) {
+        if let Some(sent) = &mut self.sent {
+            let budget = &mut self.budget;
+            sent.consume(bytes, &mut |frame| budget.sent(frame));
+        }
     }
 
     /// When the partial request or frame began, if there is one.
@@ -161,19 +204,52 @@ impl<S> Partial<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Partial<S> {
+impl<S: AsyncWrite + Unpin> Partial<S> {
+    /// Ends a connection whose frames spent the budget: writes the GOAWAY itself, since
+    /// hyper only drops a connection whose read failed, without a word. It is written only
+    /// between two of the server's frames, and only as far as the socket takes it at once:
+    /// a client that does not read gets no time bought by it.
+    fn go_away(&mut self, cx: &mut Context<'_>) {
+        self.flooded = true;
+        self.activity.control_flood.store(true, Ordering::Relaxed);
+        if self.sent.as_ref().and_then(Framing::mid_frame) != Some(false) {
+            return;
+        }
+        let frame = self.budget.goaway();
+        let mut written = 0;
+        while written < frame.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &frame[written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => written += n,
+                _ => return,
+            }
+        }
+        // The connection is dropped next: a TLS stream must hand its record to the socket
+        // now. Whether it could is not waited for.
+        let _ = Pin::new(&mut self.inner).poll_flush(cx);
+    }
+}
+
+fn flooded() -> io::Error {
+    io::Error::other("frames that do no work spent server.max_control_frames")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Partial<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.flooded {
+            return Poll::Ready(Err(flooded()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let read = &buf.filled()[before..];
-                if !read.is_empty() {
-                    this.received(read);
+                if !read.is_empty() && !this.received(read) {
+                    this.go_away(cx);
+                    return Poll::Ready(Err(flooded()));
                 }
                 Poll::Ready(Ok(()))
             }
@@ -217,7 +293,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Partial<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.flooded {
+            return Poll::Ready(Err(flooded()));
+        }
+        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.wrote(&buf[..written]);
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -225,7 +307,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Partial<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.flooded {
+            return Poll::Ready(Err(flooded()));
+        }
+        let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = written;
+        for buf in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(buf.len());
+            this.wrote(&buf[..take]);
+            left -= take;
+        }
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -263,7 +359,7 @@ mod tests {
             let mut framing = Framing::Preface(0);
             let mut at = 0;
             for piece in bytes.chunks(chunk) {
-                framing.consume(piece);
+                framing.consume(piece, &mut |_| {});
                 at += piece.len();
                 assert_eq!(
                     framing.mid_frame(),
@@ -277,12 +373,12 @@ mod tests {
     #[test]
     fn anything_but_the_preface_is_http1() {
         let mut framing = Framing::Preface(0);
-        framing.consume(b"PRI * HTTP/1.1");
+        framing.consume(b"PRI * HTTP/1.1", &mut |_| {});
         assert_eq!(framing.mid_frame(), None);
         let mut framing = Framing::Preface(0);
-        assert!(!framing.consume(b"P"));
+        assert!(!framing.consume(b"P", &mut |_| {}));
         assert_eq!(framing.mid_frame(), Some(true));
-        framing.consume(b"OST / HTTP/1.1\r\n");
+        framing.consume(b"OST / HTTP/1.1\r\n", &mut |_| {});
         assert_eq!(framing, Framing::Http1);
     }
 }

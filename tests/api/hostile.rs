@@ -1,7 +1,8 @@
 //! Hostile clients that hold what the server reserves for a request without doing their part:
 //! calls whose message never comes, partial messages pinning memory (health and reflection
-//! included), and a single-message call that carries two. The attacker writes HTTP/2 with
-//! the `h2` crate, so it costs one frame where the server could pay a slot or megabytes.
+//! included), a single-message call that carries two, and floods of frames that do no work.
+//! The attacker writes HTTP/2 with the `h2` crate or by hand, so it costs one frame where the
+//! server could pay a slot, megabytes or CPU.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use hyper::body::Bytes;
 use kvstore::config::Settings;
 use kvstore::pb;
 use prost::Message as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -274,5 +276,235 @@ async fn a_single_message_call_carrying_two_fails_with_internal() {
         .unwrap()
         .into_inner();
     assert!(!got.found, "the call was not processed");
+    server.shutdown().await;
+}
+
+/// An HTTP/2 frame written by hand: its 9-byte header, then `payload`.
+fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = u32::try_from(payload.len()).unwrap().to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// The HEADERS of a Get on stream 1 that does not end the stream, HPACK-encoded by hand:
+/// static-table names, literal values, no Huffman coding.
+fn get_headers() -> Vec<u8> {
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    for (index, value) in [(4u8, GET), (1, "test")] {
+        // :path, :authority: a literal value under an indexed name, not indexed.
+        block.push(index);
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    }
+    // content-type (static index 31, past the 4-bit prefix), then te as a new name.
+    block.extend([0x0f, 31 - 15, 16]);
+    block.extend_from_slice(b"application/grpc");
+    block.extend([0x00, 2]);
+    block.extend_from_slice(b"te");
+    block.push(8);
+    block.extend_from_slice(b"trailers");
+    raw_frame(HEADERS, END_HEADERS, 1, &block)
+}
+
+/// Opens a connection with a valid preface and an empty SETTINGS frame, sends `opening`, then
+/// `frame` up to `count` times (fewer if the server closes first), and returns the frames
+/// the server sent until it closed (or until [`PATIENCE`] ran out).
+async fn flood(addr: SocketAddr, opening: &[u8], frame: &[u8], count: usize) -> Vec<(u8, Vec<u8>)> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+    // Read all along, so that the server's answers (PING and SETTINGS ACKs) never block it.
+    let reader = tokio::spawn(async move {
+        let mut received = Vec::new();
+        let _ = timeout(PATIENCE, async {
+            let mut chunk = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = read.read(&mut chunk).await {
+                received.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        received
+    });
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(raw_frame(SETTINGS, 0, 0, &[]));
+    start.extend_from_slice(opening);
+    write.write_all(&start).await.unwrap();
+    let batch = frame.repeat(100);
+    for _ in 0..count.div_ceil(100) {
+        // The server closing mid-flood is what is expected.
+        if write.write_all(&batch).await.is_err() {
+            break;
+        }
+    }
+    let received = reader.await.unwrap();
+    let mut frames = Vec::new();
+    let mut rest = &received[..];
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        if rest.len() < 9 + len {
+            break;
+        }
+        frames.push((rest[3], rest[9..9 + len].to_vec()));
+        rest = &rest[9 + len..];
+    }
+    frames
+}
+
+/// Floods the server with `frame`, `count` times after `opening`, and checks that the
+/// connection was closed with a GOAWAY saying ENHANCE_YOUR_CALM and naming `cut_by` in its
+/// debug data, while a well-behaved client on another connection keeps working. Returns the
+/// frames the flooding connection received.
+async fn flood_is_cut(
+    opening: &[u8],
+    frame: &[u8],
+    count: usize,
+    cut_by: &str,
+) -> Vec<(u8, Vec<u8>)> {
+    let server = spawn_with(settings()).await;
+    let mut client = server.client().await;
+    let frames = flood(server.grpc_addr, opening, frame, count).await;
+    let (_, goaway) = frames
+        .iter()
+        .find(|(kind, _)| *kind == GOAWAY)
+        .expect("the flood is answered with a GOAWAY");
+    let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
+    assert_eq!(code, ENHANCE_YOUR_CALM);
+    let debug = String::from_utf8_lossy(&goaway[8..]);
+    assert!(debug.contains(cut_by), "{debug}");
+
+    for i in 0..10 {
+        client
+            .set(pb::SetRequest {
+                key: format!("k{i}"),
+                value: "v".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("a well-behaved client is served beside the flood");
+    }
+    let m = scrape(&server.health_url(), None).await;
+    let ours = f64::from(u8::from(cut_by == "server.max_control_frames"));
+    assert_eq!(m.refusals("server.max_control_frames"), ours);
+    server.shutdown().await;
+    frames
+}
+
+// Each flood is twice the default budget of 1000 frames: the connection must be cut before
+// its end (the server's own opening frames earn a few more, and time one every 100 ms).
+
+#[tokio::test]
+async fn a_window_update_flood_is_cut_with_enhance_your_calm() {
+    let update = raw_frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes());
+    flood_is_cut(&[], &update, 2000, "server.max_control_frames").await;
+}
+
+#[tokio::test]
+async fn a_flood_of_settings_frames_is_cut_by_their_parameter_count() {
+    // 2,730 parameters (SETTINGS_ENABLE_PUSH = 0), the most a 16 KiB frame holds: each frame
+    // costs 2,730 of the budget of 1000, so the first one is cut.
+    let parameters = [0u8, 2, 0, 0, 0, 0].repeat(2730);
+    let settings = raw_frame(SETTINGS, 0, 0, &parameters);
+    flood_is_cut(&[], &settings, 2, "server.max_control_frames").await;
+}
+
+#[tokio::test]
+async fn a_ping_flood_is_cut_with_enhance_your_calm() {
+    let ping = raw_frame(PING, 0, 0, &[7; 8]);
+    let frames = flood_is_cut(&[], &ping, 2000, "server.max_control_frames").await;
+    // At most the PINGs read before the cut are answered: the budget and what the server's
+    // opening frames and the clock earn (fewer if h2 had not written all its ACKs when the
+    // connection was dropped).
+    let acks = frames.iter().filter(|(kind, _)| *kind == PING).count();
+    assert!(acks < 1100, "{acks} PINGs answered");
+}
+
+/// h2 (since 0.4.20) closes a connection after 100 empty DATA frames that do not end their
+/// stream, before the budget does; this keeps that held.
+#[tokio::test]
+async fn a_flood_of_empty_data_frames_is_cut_with_enhance_your_calm() {
+    let empty = raw_frame(DATA, 0, 1, &[]);
+    flood_is_cut(&get_headers(), &empty, 2000, "too_many_data_frames").await;
+}
+
+/// Honest work never meets the budget, even at the least allowed: answers earn what their
+/// clients send back (WINDOW_UPDATEs, BDP PINGs), requests earn their own.
+#[tokio::test]
+async fn honest_clients_never_meet_the_control_frame_budget() {
+    let mut s = settings();
+    s.server.max_control_frames = 100;
+    let server = spawn_with(s).await;
+
+    // A subscriber on its own connection, which only receives: 2,000 events.
+    let mut watcher = server.client().await;
+    let mut events = watcher
+        .subscribe(pb::SubscribeRequest {
+            key_pattern: "h/".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut client = server.client().await;
+    for i in 0..2000 {
+        client
+            .set(pb::SetRequest {
+                key: format!("h/{i}"),
+                value: "v".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for _ in 0..2000 {
+        timeout(PATIENCE, events.message())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .expect("the stream goes on");
+    }
+    for i in 0..2000 {
+        let got = client
+            .get(pb::GetRequest {
+                key: format!("h/{i}"),
+            })
+            .await
+            .unwrap();
+        assert!(got.into_inner().found);
+    }
+
+    // A Batch and a List of about 4 MiB each.
+    let value = "x".repeat(1_000_000);
+    let ops = (0..4)
+        .map(|i| pb::BatchOp {
+            op: Some(pb::batch_op::Op::Set(pb::SetRequest {
+                key: format!("big/{i}"),
+                value: value.clone(),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    client.batch(pb::BatchRequest { ops }).await.unwrap();
+    let page = client
+        .list(pb::ListRequest {
+            prefix: "big/".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.items.len(), 4);
+
+    let m = scrape(&server.health_url(), None).await;
+    assert_eq!(m.refusals("server.max_control_frames"), 0.0);
     server.shutdown().await;
 }
