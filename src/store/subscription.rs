@@ -136,7 +136,7 @@ impl Subscription {
             if let Some(event) = self.page.pop_front() {
                 return Poll::Ready(Some(Ok(event)));
             }
-            // A subscriber that has fell behind stops reading its snapshot or replay: the
+            // A subscriber that has fallen behind stops reading its snapshot or replay: the
             // client must start again anyway.
             if self.is_live() || self.live.lagged() {
                 break;
