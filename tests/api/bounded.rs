@@ -159,6 +159,10 @@ async fn a_list_page_ends_early_at_max_response_bytes_and_the_cursor_pages_on() 
     server.shutdown().await;
 }
 
+/// Held by the tests that measure this process's RSS, so that neither counts the other's
+/// memory (the tests of this binary run on parallel threads).
+static MEASURING_RSS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The RSS of this process, which holds the server, in bytes.
 fn rss() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -184,6 +188,7 @@ async fn hostile_callers_asking_for_huge_answers_get_errors_or_short_pages_and_r
         eprintln!("SKIPPED: reads RSS from /proc");
         return;
     }
+    let _measuring = MEASURING_RSS.lock().await;
     let mut settings = test_settings();
     settings.limits.max_batch_ops = 10_000;
     let server = spawn_with(settings).await;
@@ -290,6 +295,7 @@ async fn unread_snapshots_of_a_large_prefix_hold_a_page_each_not_the_prefix() {
         eprintln!("SKIPPED: reads RSS from /proc");
         return;
     }
+    let _measuring = MEASURING_RSS.lock().await;
     let mut settings = test_settings();
     settings.subscriptions.max = 200;
     settings.subscriptions.max_per_client = 200;
@@ -322,6 +328,10 @@ async fn unread_snapshots_of_a_large_prefix_hold_a_page_each_not_the_prefix() {
         }
     }
     let grown = rss().saturating_sub(baseline);
+    eprintln!(
+        "50 unread snapshots of 200,000 keys: RSS +{} MiB",
+        grown / MIB
+    );
     assert!(
         grown < 64 * MIB,
         "50 unread snapshots grew RSS by {} MiB",
