@@ -473,7 +473,6 @@ impl KeyValueStore for KvService {
             })?;
         Ok(Response::new(ChangeStream {
             last_revision: subscription.after(),
-            in_snapshot: initial,
             subscription,
             shutdown: Box::pin(self.shutdown.clone().cancelled_owned()),
             progress: progress.map(|every| {
@@ -498,9 +497,6 @@ pub struct ChangeStream {
     progress: Option<(Duration, Pin<Box<Sleep>>)>,
     /// The revision the client is current to: where it resumes from, plus one.
     last_revision: u64,
-    /// Whether the snapshot asked for is still being sent: a stream that ends now has
-    /// sent part of it, and the client must ask for a snapshot again.
-    in_snapshot: bool,
     /// Counts the change events sent, not the PROGRESS ones.
     delivered: Counter,
     ended: bool,
@@ -553,14 +549,12 @@ impl Stream for ChangeStream {
                 let event = match event {
                     Event::Change(change) => to_event(&change, false),
                     Event::Initial(change) => to_event(&change, true),
-                    Event::SnapshotEnd(revision) => {
-                        this.in_snapshot = false;
-                        progress_event(revision)
-                    }
+                    Event::SnapshotEnd(revision) => progress_event(revision),
                 };
                 this.send(event)
             }
-            Poll::Ready(Some(Err(Ended::Lagged(lagged)))) if this.in_snapshot => {
+            // It sent part of a snapshot: the client must ask for one again.
+            Poll::Ready(Some(Err(Ended::Lagged(lagged)))) if this.subscription.in_snapshot() => {
                 this.end(Status::resource_exhausted(format!(
                     "{lagged}; the snapshot was cut short: subscribe again with initial"
                 )))

@@ -354,11 +354,11 @@ pub struct PreImages {
 
 /// How far a snapshot has gone, and what changed ahead of it.
 #[derive(Default)]
-pub struct PreImageState {
+pub(crate) struct PreImageState {
     /// The last key sent, if any: changes at or before it are the live stream's alone.
-    pub sent_up_to: Option<Key>,
+    pub(crate) sent_up_to: Option<Key>,
     /// The old records of keys after `sent_up_to` that changed after the revision.
-    pub before: BTreeMap<Key, Record>,
+    pub(crate) before: BTreeMap<Key, Record>,
 }
 
 impl PreImages {
@@ -373,13 +373,13 @@ impl PreImages {
 
     /// The snapshot's position and the records kept for it. The caller holds off writers
     /// (the store's read lock) while it reads them and moves on.
-    pub fn lock(&self) -> MutexGuard<'_, PreImageState> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, PreImageState> {
         // Each update is one insert, or a move of the position: consistent after a panic.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The snapshot is complete: keep nothing more.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.done.store(true, Ordering::Release);
         self.lock().before.clear();
     }

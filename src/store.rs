@@ -18,7 +18,7 @@ use crate::record::{ANSWER_OVERHEAD, Meta, Record, Value, answer_bytes};
 mod subscription;
 
 use subscription::Before;
-pub use subscription::{Ended, PAGE, SCAN, Subscription};
+pub use subscription::{Ended, Subscription};
 
 /// While the index's hash table grows, the background task moves this many records every
 /// [`TICK`]: at about 100 ns a record, a tenth of a millisecond under the write lock each
@@ -1549,7 +1549,7 @@ mod tests {
             let (store, clock) = manual_store(1 << 20);
             let mut rng = Lcg(seed);
             let key = |i: u64| format!("p/{i:04}");
-            let keys = 3 * PAGE as u64 + 17;
+            let keys = 3 * subscription::PAGE as u64 + 17;
             for i in 0..keys {
                 let ttl = (i % 7 == 0).then(|| Duration::from_millis(1 + rng.below(50)));
                 let options = SetOptions {

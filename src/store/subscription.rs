@@ -17,11 +17,11 @@ use crate::pubsub::{self, Change, ChangeKind, Event, Key, Lagged, PreImages};
 
 /// The most events one page holds: what a subscription keeps beyond its queue while it
 /// replays or sends its snapshot.
-pub const PAGE: usize = 128;
+pub(crate) const PAGE: usize = 128;
 
 /// The most entries (changes of the history, or keys under the prefix) one page visits,
 /// however few of them it sends: this bounds how long a page holds the store's read lock.
-pub const SCAN: usize = 1024;
+pub(crate) const SCAN: usize = 1024;
 
 /// Why a subscription's stream ended before the client left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +115,11 @@ impl Subscription {
     /// subscription is current.
     pub fn is_live(&self) -> bool {
         matches!(self.before, Before::Nothing)
+    }
+
+    /// Whether a snapshot is still being read: the client has not had its end marker.
+    pub fn in_snapshot(&self) -> bool {
+        matches!(self.before, Before::Snapshot { .. })
     }
 
     /// Whether no event is waiting: nothing is left to read before the live changes and no
