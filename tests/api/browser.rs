@@ -314,17 +314,21 @@ async fn metrics_answers_ip_addresses_loopback_names_and_the_allowed_hosts_only(
         "[::1",
         "",
     ];
+    let metrics = |version, host| async move {
+        let get = request(
+            version,
+            http::Method::GET,
+            host,
+            "/metrics",
+            None,
+            Bytes::new(),
+        );
+        let (status, _, body) = exchange(server.grpc_addr, version, get).await;
+        (status, body)
+    };
     for version in [Version::HTTP_11, Version::HTTP_2] {
         for host in passing {
-            let metrics = request(
-                version,
-                http::Method::GET,
-                host,
-                "/metrics",
-                None,
-                Bytes::new(),
-            );
-            let (status, _, body) = exchange(server.grpc_addr, version, metrics).await;
+            let (status, body) = metrics(version, host).await;
             assert_eq!(status, StatusCode::OK, "{version:?} {host:?}: {body}");
         }
         for host in refused {
@@ -332,15 +336,7 @@ async fn metrics_answers_ip_addresses_loopback_names_and_the_allowed_hosts_only(
             if version == Version::HTTP_2 && (host.is_empty() || host.starts_with('[')) {
                 continue;
             }
-            let metrics = request(
-                version,
-                http::Method::GET,
-                host,
-                "/metrics",
-                None,
-                Bytes::new(),
-            );
-            let (status, _, body) = exchange(server.grpc_addr, version, metrics).await;
+            let (status, body) = metrics(version, host).await;
             assert_eq!(
                 status,
                 StatusCode::FORBIDDEN,
