@@ -114,7 +114,7 @@ compose-logs *args:
     {{ compose }} --profile proxy logs --follow {{ args }}
 
 # A self-signed EC P-256 certificate for localhost in certs/ (server.pem, server.key): EC keys
-# cost the server ~385 µs a TLS handshake, RSA-2048 ~1,250 µs, RSA-4096 ~5,650 µs (README "TLS")
+# cost the server ~385 µs a TLS handshake, RSA-2048 ~1,250 µs, RSA-4096 ~5,650 µs (docs/operations.md, TLS)
 certs dir="certs":
     mkdir -p {{ dir }}
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
@@ -125,7 +125,7 @@ certs dir="certs":
     @echo "KVSTORE_TLS__CERT={{ dir }}/server.pem KVSTORE_TLS__KEY={{ dir }}/server.key just run"
     @echo "kvstore-client --server localhost:50051 --ca-cert {{ dir }}/server.pem health"
 
-# Side-by-side figures vs bare tonic, etcd and Redis (README "Performance"); `just bench quick`
+# Side-by-side figures vs bare tonic, etcd and Redis (docs/performance.md); `just bench quick`
 bench *args:
     bash benches/compare.sh {{ args }}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side figures for the README's performance table, measured in one run on this
+# Side-by-side figures for the performance table in docs/performance.md, measured in one run on this
 # machine: kvstore against the bare tonic fixture (the ceiling of the stack), etcd and Redis,
 # with the same load generator for the gRPC servers (h2load) and server CPU per request
 # read from /proc. Loopback only; every server it starts is stopped by its PID.

@@ -710,7 +710,7 @@ async fn scrape(State(exporter): State<Exporter>, headers: HeaderMap) -> Respons
     }
 }
 
-/// The collector behind `/metrics`: encodes each metric in the order the README lists them.
+/// The collector behind `/metrics`: encodes each metric in the order docs/operations.md lists them.
 struct Scrape {
     metrics: Arc<Metrics>,
     store: Store,

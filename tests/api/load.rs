@@ -38,7 +38,7 @@ const WRITERS: usize = 4;
 /// (1024) until they have their response headers.
 const OPENING_AT_ONCE: usize = 256;
 
-/// The server memory an idle subscriber may add, as the README states it: kvstore-bench
+/// The server memory an idle subscriber may add, as docs/performance.md states it: kvstore-bench
 /// measures about 5 KiB in a release build; the bound leaves room for a debug build and the
 /// allocator's rounding.
 const MAX_BYTES_PER_SUBSCRIBER: u64 = 32 * 1024;
