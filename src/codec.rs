@@ -1,8 +1,8 @@
 //! The protobuf codec of the client and of every server method but Batch (which has its own,
 //! in src/grpc/batch.rs): tonic-prost's, with a smaller encode buffer. A response stream
-//! holds its encode buffer for its whole life, so with tonic's default of 8 KiB an idle
-//! Subscribe cost about 15 KiB of server memory; the messages here are mostly a few hundred
-//! bytes, and a larger one grows the buffer as needed. A Batch is a single response, whose
+//! holds its encode buffer for its whole life, so tonic's default of 8 KiB would be most of
+//! an idle Subscribe's memory (docs/performance.md, memory per subscriber); the messages
+//! here are mostly a few hundred bytes, and a larger one grows the buffer as needed. A Batch is a single response, whose
 //! default 8 KiB buffer lives only as long as the call.
 
 use std::marker::PhantomData;

@@ -234,8 +234,8 @@ fn revision_arg(what: &str, value: i64) -> Result<u64, Status> {
         .map_err(|_| Status::invalid_argument(format!("{what} must not be negative, got {value}")))
 }
 
-/// The Go service's Set message. Built without `format!`, whose machinery cost a Set about
-/// 0.7% of its instructions (callgrind).
+/// The Go service's Set message. Built without `format!`, whose machinery is a measurable
+/// share of a Set (docs/performance.md, "Why the code is shaped so").
 fn stored_at(revision: u64) -> String {
     const PREFIX: &str = "stored at revision ";
     let mut digits = itoa::Buffer::new();

@@ -21,8 +21,8 @@ const MOVES_PER_WRITE: usize = if cfg!(test) { 1 } else { 32 };
 ///
 /// The hash table grows as Redis grows its own, a few records at a time, by every write and
 /// by the store's background task ([`Index::move_records`]), rather than all at once:
-/// rehashing every key in one go held the write lock for 133 ms at 917,504 keys and 266 ms
-/// at twice that. The B-tree, which always holds every record, answers for the records not
+/// rehashing every key in one go holds the write lock for time proportional to the store
+/// (docs/performance.md gives the figures). The B-tree, which always holds every record, answers for the records not
 /// yet moved.
 #[derive(Default)]
 pub(crate) struct Index {

@@ -536,8 +536,9 @@ const FAILURE_WARNING_EVERY: Duration = Duration::from_secs(10);
 /// Failed calls since the last warning, for the whole process.
 static FAILURES: LazyLock<Sampler> = LazyLock::new(|| Sampler::new(FAILURE_WARNING_EVERY));
 
-/// Logs a call's outcome. This replaces a per-request span: creating one and recording its
-/// fields cost about 8% of a unary call's instructions, for context no handler logs into.
+/// Logs a call's outcome. This replaces a per-request span, whose creation and fields are a
+/// large share of a unary call's instructions (docs/performance.md), for context no handler
+/// logs into.
 /// Codes that can mean the server failed (`UNKNOWN`, `INTERNAL`, `DATA_LOSS`) warn, but a
 /// client causes them too (a message that does not decode is `INTERNAL`), as often as it
 /// likes: so at most one warning per [`FAILURE_WARNING_EVERY`], saying how many failed calls

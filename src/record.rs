@@ -76,8 +76,7 @@ impl Record {
             deadline: meta.deadline,
         };
         // Copying through a scratch buffer is two memcpys; the single-allocation constructor
-        // fed by an iterator copies byte by byte, which cost a set about 2% of its
-        // instructions (callgrind).
+        // fed by an iterator copies byte by byte (docs/performance.md has its cost).
         let mut bytes = Vec::with_capacity(key.len() + value.len());
         bytes.extend_from_slice(key.as_bytes());
         bytes.extend_from_slice(value.as_bytes());

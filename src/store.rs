@@ -21,8 +21,8 @@ use subscription::Before;
 pub use subscription::{Ended, Subscription};
 
 /// While the index's hash table grows, the background task moves this many records every
-/// [`TICK`]: at about 100 ns a record, a tenth of a millisecond under the write lock each
-/// millisecond, and a million records in under a second.
+/// [`TICK`]: a small share of each millisecond under the write lock, and a million records
+/// in about a second (docs/performance.md has the figures).
 const MOVES_PER_TICK: usize = 1024;
 
 /// How often the background task takes the write lock while it has work queued.
@@ -505,7 +505,7 @@ impl Store {
             let growing = self.write().map.move_records(MOVES_PER_TICK);
             // More keys due, or records to move: go on at the next tick. Not at once: the
             // lock is not fair, and a writer woken as it is released loses it again to a
-            // sweep that takes it straight back (a writer waited 151 ms so).
+            // sweep that takes it straight back, and waits for many sweeps.
             let busy = growing || next.is_some_and(|at| at <= self.clock.now());
             let wait = async {
                 match next {
