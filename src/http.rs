@@ -62,19 +62,8 @@ fn unknown_method(path: &str) -> tonic::Status {
     tonic::Status::unimplemented(format!("unknown service or method {path}"))
 }
 
-/// The middleware function, for `axum::middleware::from_fn(name_unknown_method)` on the
-/// gRPC routes. A generated service answers a method it does not have with a bare
-/// `UNIMPLEMENTED`, no message; this gives it the fallback's message naming the path.
-pub async fn name_unknown_method(request: Request, next: Next) -> Response {
-    // A shared-bytes clone: the path is needed only after the request is handed on.
-    let uri = request.uri().clone();
-    let mut response = next.run(request).await;
-    name_unimplemented(response.headers_mut(), uri.path());
-    response
-}
-
 /// Gives a bare `UNIMPLEMENTED` in `headers` the message naming `path`, as the fallback's.
-pub fn name_unimplemented(headers: &mut HeaderMap, path: &str) {
+pub(crate) fn name_unimplemented(headers: &mut HeaderMap, path: &str) {
     let unimplemented = headers
         .get(&GRPC_STATUS)
         .is_some_and(|code| code.as_bytes() == b"12");
