@@ -27,8 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(false)
-        // A smaller encode buffer per call and stream; see src/codec.rs.
-        .codec_path("crate::codec::KvCodec")
+        // A smaller encode buffer per call and stream; see src/pb/codec.rs.
+        .codec_path("crate::pb::codec::KvCodec")
         .compile_fds(fds)?;
     tonic_build::manual::Builder::new()
         .build_client(false)
@@ -64,7 +64,7 @@ fn server(file: &FileDescriptorProto) -> Result<tonic_build::manual::Service, St
             _ => (
                 message(method.input_type()),
                 message(method.output_type()),
-                "crate::codec::KvCodec",
+                "crate::pb::codec::KvCodec",
             ),
         };
         let mut m = tonic_build::manual::Method::builder()

@@ -6,8 +6,6 @@
 //! - [`record`]: one stored key in one allocation, shared by the map, the history and the streams.
 //! - `index`: the map's records in key order and by key hash.
 //! - [`pubsub`]: change events and the subscriber registry, indexed by prefix, with bounded queues.
-//! - [`codec`]: the protobuf codec of the client and the service's methods, with a small encode
-//!   buffer.
 //! - [`grpc`]: the `kvstore.KeyValueStore` service: validation and protobuf <-> domain conversion;
 //!   [`grpc::batch`], the Batch method's own codec.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`); [`health_watch`]: the cap
@@ -32,7 +30,6 @@
 
 pub mod auth;
 pub mod browser;
-pub mod codec;
 pub mod config;
 pub mod endpoint;
 pub mod grpc;
@@ -54,7 +51,8 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 
-/// The generated protobuf types, client and server of `proto/kvstore.proto`.
+/// The generated protobuf types, client and server of `proto/kvstore.proto`, and [`pb::codec`],
+/// the protobuf codec of the client and of the service's methods, with a small encode buffer.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("kvstore");
@@ -64,4 +62,8 @@ pub mod pb {
     /// The encoded descriptor set of `kvstore.proto`, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("kvstore_descriptor");
+
+    /// The codec the generated client and server use, beside them.
+    #[warn(missing_docs, clippy::all)]
+    pub mod codec;
 }
