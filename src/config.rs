@@ -100,7 +100,7 @@ pub struct ServerSettings {
     /// a GOAWAY (ENHANCE_YOUR_CALM) and is closed.
     pub max_control_frames: u32,
     /// The most bytes of a request's header list, counted as HTTP/2 counts it over both
-    /// protocols (see `middleware::header_list_size`); hyper and h2 refuse at twice this.
+    /// protocols (see `header_limit::header_list_size`); hyper and h2 refuse at twice this.
     pub max_header_bytes: usize,
     /// From accept until the first request's headers, including the TLS handshake;
     /// a connection that takes longer is closed.

@@ -10,8 +10,8 @@
 //!   [`grpc::batch`], the Batch method's own codec.
 //! - [`http`]: the HTTP routes (`/health/live`, `/health/ready`); [`health_watch`]: the cap
 //!   on gRPC health Watch streams.
-//! - [`middleware`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes;
-//!   the header limit in front of every route.
+//! - [`guard`]: the KV guard: in-flight limit, unary deadline, and the gate shutdown closes.
+//! - [`header_limit`]: `server.max_header_bytes`, in front of every route.
 //! - [`request_body`]: every gRPC request message held to a size, a time to arrive and one
 //!   budget of bytes still arriving; single-message calls read whole before the guard.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
@@ -33,12 +33,13 @@ pub mod browser;
 pub mod config;
 pub mod endpoint;
 pub mod grpc;
+pub mod guard;
+pub mod header_limit;
 pub mod health_watch;
 pub mod http;
 mod index;
 pub mod legacy_args;
 pub mod metrics;
-pub mod middleware;
 pub mod open_files;
 pub mod pubsub;
 pub mod rate_limit;

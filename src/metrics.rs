@@ -32,7 +32,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tower::{Layer, Service};
 
 use crate::http::GRPC_STATUS;
-use crate::middleware::Guard;
+use crate::guard::Guard;
 use crate::pb::key_value_store_server::SERVICE_NAME;
 use crate::store::Store;
 use crate::telemetry::Sampler;

@@ -1,11 +1,11 @@
-//! The `grpc-timeout` header (`middleware::parse_grpc_timeout`) against the spec's grammar:
+//! The `grpc-timeout` header (`guard::parse_grpc_timeout`) against the spec's grammar:
 //! `TimeoutValue TimeoutUnit`, 1 to 8 ASCII digits then one of `H M S m u n`.
 
 #![no_main]
 
 use std::time::Duration;
 
-use kvstore::middleware::parse_grpc_timeout;
+use kvstore::guard::parse_grpc_timeout;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|value: &str| {
