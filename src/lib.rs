@@ -14,7 +14,8 @@
 //! - [`header_limit`]: `server.max_header_bytes`, in front of every route.
 //! - [`request_body`]: every gRPC request message held to a size, a time to arrive and one
 //!   budget of bytes still arriving; single-message calls read whole before the guard.
-//! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
+//! - [`metrics`]: the counters the server bumps as it works, and the layer that counts gRPC
+//!   calls; [`exporter`]: `GET /metrics`, which reads them and the store's state.
 //! - [`browser`]: what keeps web pages out: gRPC only as gRPC, the Host check of the HTTP
 //!   routes (`server.allowed_hosts`).
 //! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit;
@@ -32,6 +33,7 @@ pub mod auth;
 pub mod browser;
 pub mod config;
 pub mod endpoint;
+pub mod exporter;
 pub mod grpc;
 pub mod guard;
 pub mod header_limit;

@@ -43,12 +43,13 @@ use tracing::{Level, debug, error, info, warn};
 use crate::auth::{self, Auth};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
 use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings, Settings};
+use crate::exporter::{self, Exporter};
 use crate::grpc::{self, KvService};
-use crate::health_watch::{self, HealthWatches};
-use crate::http;
-use crate::metrics::{self, Connections, Exporter, Limit, Metrics, Rpc, RpcLayer};
 use crate::guard::Guard;
 use crate::header_limit::{HeaderLimit, HeaderLimited};
+use crate::health_watch::{self, HealthWatches};
+use crate::http;
+use crate::metrics::{Connections, Limit, Metrics, Rpc, RpcLayer};
 use crate::open_files;
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
@@ -434,7 +435,7 @@ fn http_router(draining: &CancellationToken, settings: &Settings, layers: &Layer
         .on_failure(DefaultOnFailure::new().level(Level::DEBUG));
     http::router(draining.clone())
         .merge(browser::check_host(
-            metrics::router(layers.exporter.clone()),
+            exporter::router(layers.exporter.clone()),
             layers.hosts.clone(),
             layers.exporter.metrics(),
         ))
