@@ -20,18 +20,17 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tracing::{debug, info, warn};
 
+use crate::caller::Caller;
 use crate::config::{AuthSettings, Role};
-use crate::http::{grpc_error, is_grpc};
+use crate::http::{grpc_error, grpc_method, is_grpc, is_health_check};
 use crate::pb;
 use crate::rate_limit::RateLimit;
 
 const KV_SERVICE: &str = pb::key_value_store_server::SERVICE_NAME;
-const HEALTH_SERVICE: &str = tonic_health::pb::health_server::SERVICE_NAME;
 const REFLECTION_SERVICES: [&str; 2] = [
     tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
     tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
 ];
-const HTTP_HEALTH_PATHS: [&str; 2] = ["/health/live", "/health/ready"];
 const METRICS_PATH: &str = "/metrics";
 
 /// The configured tokens, by digest.
@@ -213,35 +212,6 @@ fn check_token_text(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Who made a request: put in the request's extensions once its token is accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The token's position in the keyring, which keys its rate limit.
-    pub index: usize,
-    /// The token's configured name.
-    pub name: Arc<str>,
-    /// What the token may do.
-    pub role: Role,
-}
-
-impl Caller {
-    /// `PERMISSION_DENIED` unless this caller may make a call that needs `needed`, named
-    /// `what` in the refusal.
-    pub fn require(&self, needed: Role, what: &str) -> Result<(), Status> {
-        if self.role >= needed {
-            return Ok(());
-        }
-        Err(Status::permission_denied(self.refusal(needed, what)))
-    }
-
-    fn refusal(&self, needed: Role, what: &str) -> String {
-        format!(
-            "token \"{}\" has role {}, and {what} needs {needed} (the token's role in auth.tokens or auth.token_file)",
-            self.name, self.role
-        )
-    }
-}
-
 /// The authentication layer's state: the keyring, and which optional services it guards.
 #[derive(Clone)]
 pub struct Auth(Arc<AuthInner>);
@@ -328,18 +298,6 @@ pub fn warn_if_exposed(settings: &AuthSettings, listen: std::net::SocketAddr) {
              loopback: anyone who can reach it can read and change every key"
         );
     }
-}
-
-/// Whether `path` is a health check (HTTP or gRPC), which is never refused.
-pub(crate) fn is_health_check(path: &str) -> bool {
-    HTTP_HEALTH_PATHS.contains(&path) || grpc_method(path, HEALTH_SERVICE).is_some()
-}
-
-/// `Method` of the path `/service/Method`.
-fn grpc_method<'a>(path: &'a str, service: &str) -> Option<&'a str> {
-    path.strip_prefix('/')?
-        .strip_prefix(service)?
-        .strip_prefix('/')
 }
 
 /// The middleware function, for `axum::middleware::from_fn_with_state(auth, authenticate)`

@@ -18,7 +18,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::auth::Caller;
+use crate::caller::{Caller, client_key_of};
 use crate::config::{Limits, Role};
 use crate::metrics::{Limit, Metrics};
 use crate::pb::change_event::ChangeType;
@@ -28,7 +28,6 @@ use crate::pb::{
     ListResponse, SetRequest, SetResponse, SubscribeRequest,
 };
 use crate::pubsub::{Change, ChangeKind, Event};
-use crate::rate_limit::client_key_of;
 use crate::share::{Share, Shares};
 use crate::store::{self, Ended, Op, SetOptions, Start, Store, SubscribeError, Subscription};
 use batch::{BatchReply, EncodedBatch, Unread, WireOp};

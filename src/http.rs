@@ -99,3 +99,20 @@ pub async fn limit_body(State(max): State<usize>, request: Request, next: Next) 
         _ => next.run(request).await,
     }
 }
+
+/// The health service's gRPC name.
+const HEALTH_SERVICE: &str = tonic_health::pb::health_server::SERVICE_NAME;
+/// The HTTP health routes, which nobody refuses.
+const HTTP_HEALTH_PATHS: [&str; 2] = ["/health/live", "/health/ready"];
+
+/// Whether `path` is a health check (HTTP or gRPC), which is never refused.
+pub(crate) fn is_health_check(path: &str) -> bool {
+    HTTP_HEALTH_PATHS.contains(&path) || grpc_method(path, HEALTH_SERVICE).is_some()
+}
+
+/// `Method` of the path `/service/Method`.
+pub(crate) fn grpc_method<'a>(path: &'a str, service: &str) -> Option<&'a str> {
+    path.strip_prefix('/')?
+        .strip_prefix(service)?
+        .strip_prefix('/')
+}

@@ -18,7 +18,7 @@
 //!   calls; [`exporter`]: `GET /metrics`, which reads them and the store's state.
 //! - [`browser`]: what keeps web pages out: gRPC only as gRPC, the Host check of the HTTP
 //!   routes (`server.allowed_hosts`).
-//! - [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit;
+//! - [`caller`]: who is calling, by token or address; [`auth`]: bearer tokens and roles; [`rate_limit`]: the per-client request rate limit;
 //!   [`share`]: each client's share of the open subscriptions and of their progress events.
 //! - [`server`]: binds the listeners, builds the router and runs until shutdown, then drains;
 //!   the accept loop and its connection limits.
@@ -31,6 +31,7 @@
 
 pub mod auth;
 pub mod browser;
+pub mod caller;
 pub mod config;
 pub mod endpoint;
 pub mod exporter;

@@ -2,7 +2,7 @@
 //! keyed by its token when `auth` accepted one, else by its address. Refusals are immediate
 //! `RESOURCE_EXHAUSTED` (429 over HTTP) saying when to retry; nothing waits in a queue.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,9 +20,9 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tracing::{debug, info};
 
-use crate::auth::{Caller, is_health_check};
+use crate::caller::{Caller, ClientKey, client_key_of};
 use crate::config::RateLimitSettings;
-use crate::http::{grpc_error, is_grpc};
+use crate::http::{grpc_error, is_grpc, is_health_check};
 use crate::metrics::{Limit, Metrics};
 
 /// How often buckets that have refilled are dropped. A full bucket is the same as no bucket,
@@ -32,17 +32,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// The gRPC retry pushback trailer (gRFC A6): clients with a retry policy wait this long.
 const PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
-
-/// Who a client is, for its bucket here and its share of subscriptions (`share`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum ClientKey {
-    /// A token's position in the keyring: every connection using it shares one bucket.
-    Token(usize),
-    /// The peer's address; IPv6 by its /64, which one host usually has whole.
-    Peer(IpAddr),
-    /// No token and no address known: one shared bucket.
-    Unknown,
-}
 
 /// The rate limit layer's state, shared by every connection.
 #[derive(Clone)]
@@ -152,29 +141,6 @@ fn client_key(request: &Request) -> ClientKey {
     client_key_of(request.extensions().get::<Caller>(), peer(request))
 }
 
-/// The client a call is from: its token when authentication accepted one (`caller`), else
-/// its address (`peer`).
-pub(crate) fn client_key_of(caller: Option<&Caller>, peer: Option<SocketAddr>) -> ClientKey {
-    match (caller, peer) {
-        (Some(caller), _) => ClientKey::Token(caller.index),
-        (None, Some(peer)) => ClientKey::Peer(peer_key(peer.ip())),
-        (None, None) => ClientKey::Unknown,
-    }
-}
-
-/// The address a client is known by: IPv4 as it is (also when seen as `::ffff:a.b.c.d`),
-/// IPv6 by its /64, which one host usually has whole. The per-address connection cap keys
-/// clients the same way.
-pub(crate) fn peer_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-    }
-}
-
 fn refuse(per_client: u32, wait: Duration, grpc: bool) -> Response {
     // Rounded up, so a client that waits exactly this long is let through.
     let wait_ms = wait.as_nanos().div_ceil(1_000_000).max(1);
@@ -199,15 +165,6 @@ fn refuse(per_client: u32, wait: Duration, grpc: bool) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ipv6_peers_share_their_64_and_mapped_ipv4_is_ipv4() {
-        let key = |s: &str| peer_key(s.parse().unwrap());
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
-        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
-        assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"));
-        assert_ne!(key("192.0.2.1"), key("192.0.2.2"));
-    }
 
     #[tokio::test]
     async fn a_refusal_is_a_429_and_is_counted() {

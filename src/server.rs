@@ -42,6 +42,7 @@ use tracing::{Level, debug, error, info, warn};
 
 use crate::auth::{self, Auth};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
+use crate::caller::peer_key;
 use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings, Settings};
 use crate::exporter::{self, Exporter};
 use crate::grpc::{self, KvService};
@@ -53,7 +54,7 @@ use crate::metrics::{Connections, Limit, Metrics, Rpc, RpcLayer};
 use crate::open_files;
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
-use crate::rate_limit::{self, RateLimit, peer_key};
+use crate::rate_limit::{self, RateLimit};
 use crate::request_body::RequestBodies;
 use crate::share::Shares;
 use crate::store::Store;

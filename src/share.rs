@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::rate_limit::ClientKey;
+use crate::caller::ClientKey;
 
 /// PROGRESS events per second one client's streams may get, all together. Each costs the
 /// server a wake-up, an encode and a write (7–9 µs: 10,000 streams at 100 ms took 0.69–0.89
