@@ -226,19 +226,15 @@ struct AuthInner {
 }
 
 impl Auth {
-    /// Loads the keyring; `None` when `auth.enabled` is false.
-    pub fn new(settings: &AuthSettings) -> Result<Option<Self>, KeyringError> {
-        Self::with_rate_limit(settings, None)
-    }
-
-    /// As [`Auth::new`], and requests refused for their token (none, or an unknown one)
-    /// take from their address's bucket of `rate_limit`, so past its rate a flood of bad
-    /// tokens gets the rate limit's refusal instead.
-    pub fn with_rate_limit(
+    /// Authentication with `keyring`, or `None` when `auth.enabled` is false. Requests
+    /// refused for their token (none, or an unknown one) take from their address's bucket of
+    /// `rate_limit`, so past its rate a flood of bad tokens gets the rate limit's refusal
+    /// instead.
+    pub fn new(
         settings: &AuthSettings,
+        keyring: Keyring,
         rate_limit: Option<RateLimit>,
-    ) -> Result<Option<Self>, KeyringError> {
-        let keyring = Keyring::load(settings)?;
+    ) -> Option<Self> {
         if !settings.enabled {
             if !keyring.is_empty() {
                 warn!(
@@ -246,7 +242,7 @@ impl Auth {
                     "authentication is off (auth.enabled = false) although tokens are configured"
                 );
             }
-            return Ok(None);
+            return None;
         }
         info!(
             tokens = keyring.len(),
@@ -254,12 +250,12 @@ impl Auth {
             protect_metrics = settings.protect_metrics,
             "authentication on: calls need a bearer token"
         );
-        Ok(Some(Self(Arc::new(AuthInner {
+        Some(Self(Arc::new(AuthInner {
             keyring,
             protect_reflection: settings.protect_reflection,
             protect_metrics: settings.protect_metrics,
             rate_limit,
-        }))))
+        })))
     }
 
     /// The role `path` needs, or `None` if it is open. Unknown paths need a token too, so a
@@ -508,9 +504,8 @@ mod tests {
 
     #[test]
     fn each_path_needs_its_role() {
-        let auth = Auth::new(&settings(&[("a", Role::Read, "")]))
-            .unwrap()
-            .unwrap();
+        let one = settings(&[("a", Role::Read, "")]);
+        let auth = Auth::new(&one, Keyring::load(&one).unwrap(), None).unwrap();
         let cases = [
             ("/kvstore.KeyValueStore/Get", Some(Role::Read)),
             ("/kvstore.KeyValueStore/List", Some(Role::Read)),
@@ -542,7 +537,7 @@ mod tests {
         let mut open = settings(&[("a", Role::Read, "")]);
         open.protect_reflection = false;
         open.protect_metrics = false;
-        let auth = Auth::new(&open).unwrap().unwrap();
+        let auth = Auth::new(&open, Keyring::load(&open).unwrap(), None).unwrap();
         assert_eq!(auth.needs("/metrics"), None);
         assert_eq!(
             auth.needs("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),

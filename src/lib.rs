@@ -25,7 +25,9 @@
 //! - [`open_files`]: the open-file limit, raised at start-up; it caps connections when low.
 //! - [`tls`]: the main listener's TLS configuration, from the `[tls]` files.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
-//! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
+//! - [`config`]: layered settings, range-checked: data only; [`startup`]: what the server
+//!   runs with, built from them once (TLS, tokens, allowed hosts, log filter).
+//! - [`telemetry`]: logging, set up once by the binary.
 //! - [`endpoint`]: the server address the command-line tools accept.
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
@@ -51,6 +53,7 @@ pub mod request_body;
 pub mod server;
 pub mod share;
 pub mod shutdown;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

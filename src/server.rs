@@ -40,7 +40,7 @@ use tower_http::LatencyUnit;
 use tower_http::trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::{Level, debug, error, info, warn};
 
-use crate::auth::{self, Auth};
+use crate::auth::{self, Auth, Keyring};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
 use crate::caller::peer_key;
 use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings, Settings};
@@ -57,9 +57,9 @@ use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
 use crate::request_body::RequestBodies;
 use crate::share::Shares;
+use crate::startup::Startup;
 use crate::store::Store;
 use crate::telemetry::Escaped;
-use crate::tls;
 
 /// A server whose listeners are bound (so their addresses are known, even for port 0) but
 /// which serves nothing until [`Server::run`].
@@ -69,12 +69,20 @@ pub struct Server {
     main: TcpListener,
     health: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
+    keyring: Keyring,
+    hosts: AllowedHosts,
 }
 
-/// Loads the TLS files, if any, and binds the main listener and, unless it is turned off,
-/// the legacy health listener.
-pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
-    let tls = tls::acceptor(&settings.tls).context("configuring TLS")?;
+/// Binds the main listener and, unless it is turned off, the legacy health listener, for the
+/// configuration [`Startup`] built.
+pub async fn bind(startup: Startup) -> anyhow::Result<Server> {
+    let Startup {
+        settings,
+        tls,
+        keyring,
+        hosts,
+        ..
+    } = startup;
     let main = TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
@@ -93,6 +101,8 @@ pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
         main,
         health,
         tls,
+        keyring,
+        hosts,
     })
 }
 
@@ -132,6 +142,8 @@ impl Server {
             main,
             health,
             tls,
+            keyring,
+            hosts,
         } = self;
         let draining = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -156,9 +168,8 @@ impl Server {
                 metrics.clone(),
             ),
             exporter,
-            access: Access::new(&settings, metrics.clone())?,
-            hosts: AllowedHosts::new(&settings.server.allowed_hosts)
-                .map_err(|problem| anyhow::anyhow!("server.allowed_hosts {problem}"))?,
+            access: Access::new(&settings, keyring, metrics.clone()),
+            hosts,
         };
         let app = main_router(
             &settings,
@@ -395,12 +406,12 @@ struct Access {
 }
 
 impl Access {
-    fn new(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    fn new(settings: &Settings, keyring: Keyring, metrics: Arc<Metrics>) -> Self {
         let rate_limit = RateLimit::new(settings.rate_limit, metrics);
-        Ok(Self {
-            auth: Auth::with_rate_limit(&settings.auth, rate_limit.clone())?,
+        Self {
+            auth: Auth::new(&settings.auth, keyring, rate_limit.clone()),
             rate_limit,
-        })
+        }
     }
 
     /// Authentication runs first, so the rate limit can key a client by its token.
@@ -1249,7 +1260,8 @@ mod tests {
         let mut settings = Settings::default();
         settings.server.listen = "127.0.0.1:0".parse().unwrap();
         settings.server.health_listen = None;
-        let server = runtime.block_on(bind(settings)).unwrap();
+        let startup = Startup::from_settings(settings).unwrap();
+        let server = runtime.block_on(bind(startup)).unwrap();
         let addr = server.listen_addr();
         let store = server.store().clone();
         let (held_tx, held) = std::sync::mpsc::channel();

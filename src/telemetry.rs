@@ -10,23 +10,17 @@ use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::LogFormat;
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `log.level`.
+/// Installs the global subscriber, with the filter start-up built (`RUST_LOG`, when set,
+/// wins over `log.level`).
 ///
-/// Fails if a filter does not parse or a subscriber is already installed.
-pub fn init(settings: &LogSettings) -> anyhow::Result<()> {
-    let directives = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.trim().is_empty() => env,
-        _ => settings.level.clone(),
-    };
-    let directives = filter_directives(&directives)
-        .map_err(|err| anyhow::anyhow!("log filter {directives:?} {err}"))?;
-    let filter = EnvFilter::builder().parse(&directives)?;
+/// Fails if a subscriber is already installed.
+pub fn init(filter: EnvFilter, format: LogFormat) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
-    let installed = match settings.format {
+    let installed = match format {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kvstore::config::{self, Flags};
+use kvstore::startup::Startup;
 use kvstore::{auth, open_files, server, shutdown, telemetry};
 use tracing::{error, info, warn};
 
@@ -78,21 +79,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let startup = match Startup::build(loaded) {
+        Ok(startup) => startup,
+        Err(err) => {
+            eprintln!("kvstore-server: {err}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.print_config {
-        print!("{}", loaded.settings.to_toml());
+        print!("{}", startup.settings.to_toml());
         return ExitCode::SUCCESS;
     }
-    if let Err(err) = telemetry::init(&loaded.settings.log) {
+    let filter = startup.log_filter.clone();
+    if let Err(err) = telemetry::init(filter, startup.settings.log.format) {
         eprintln!("kvstore-server: configuration error: {err:#}");
         return ExitCode::from(2);
     }
-    if !loaded.ignored_env.is_empty() {
+    if !startup.ignored_env.is_empty() {
         warn!(
-            variables = loaded.ignored_env.join(", "),
+            variables = startup.ignored_env.join(", "),
             "ignoring environment variables that name no setting"
         );
     }
-    match run(loaded.settings) {
+    match run(startup) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = format!("{err:#}"), "server failed");
@@ -124,7 +133,7 @@ fn hash_token() -> ExitCode {
     }
 }
 
-fn run(settings: config::Settings) -> anyhow::Result<()> {
+fn run(startup: Startup) -> anyhow::Result<()> {
     // Transparent huge pages off for this process: mimalloc asks for them on its arenas
     // (MADV_HUGEPAGE), and khugepaged then refills what mimalloc hands back to the OS, 2 MiB
     // at a time wherever one 4 KiB page of the range is still in use. With them, RSS went
@@ -155,7 +164,7 @@ fn run(settings: config::Settings) -> anyhow::Result<()> {
     // This future runs on the main thread, not on a worker (so do the accept loops).
     runtime.block_on(async {
         let signal = shutdown::signal();
-        let server = server::bind(settings).await?;
+        let server = server::bind(startup).await?;
         tokio::select! {
             result = server.run(signal) => result,
             never = memory_rounds(workers) => match never {},

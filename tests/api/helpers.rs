@@ -8,8 +8,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kvstore::config::{LogSettings, Settings};
+use kvstore::config::Settings;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
+use kvstore::startup::Startup;
 use kvstore::store::Store;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -24,11 +25,11 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 
 static TRACING: LazyLock<()> = LazyLock::new(|| {
     if std::env::var_os("TEST_LOG").is_some() {
-        let settings = LogSettings {
-            level: "debug".into(),
-            format: kvstore::config::LogFormat::Text,
-        };
-        kvstore::telemetry::init(&settings).expect("the first and only subscriber");
+        let mut settings = Settings::default();
+        settings.log.level = "debug".into();
+        let startup = Startup::from_settings(settings).expect("debug is a level");
+        kvstore::telemetry::init(startup.log_filter, kvstore::config::LogFormat::Text)
+            .expect("the first and only subscriber");
     }
 });
 
@@ -57,7 +58,8 @@ pub async fn spawn_server() -> TestServer {
 /// Binds with the same `bind`/`run` as the binary; the listeners accept before this returns.
 pub async fn spawn_with(settings: Settings) -> TestServer {
     LazyLock::force(&TRACING);
-    let server = kvstore::server::bind(settings)
+    let startup = Startup::from_settings(settings).expect("test settings are valid");
+    let server = kvstore::server::bind(startup)
         .await
         .expect("binding on 127.0.0.1:0");
     let grpc_addr = server.listen_addr();

@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
-use kvstore::auth::{Auth, authenticate, hash_token};
+use kvstore::auth::{Auth, Keyring, authenticate, hash_token};
 use kvstore::config::{Role, Settings, TokenSpec};
 use libfuzzer_sys::{Corpus, fuzz_target};
 use tower::ServiceExt;
@@ -70,7 +70,8 @@ static APP: LazyLock<Router> = LazyLock::new(|| {
             name: String::new(),
         })
         .collect();
-    let auth = Auth::new(&settings).unwrap().expect("auth is enabled");
+    let keyring = Keyring::load(&settings).unwrap();
+    let auth = Auth::new(&settings, keyring, None).expect("auth is enabled");
     Router::new()
         .fallback(|request: Request| async move {
             assert!(request.headers().get(header::AUTHORIZATION).is_none());
