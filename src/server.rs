@@ -1,57 +1,40 @@
-//! The listeners: binds them, builds the one router that serves gRPC and HTTP on the main
-//! port (HTTP/1.1 and HTTP/2, over TLS or cleartext), serves the HTTP routes alone on the
-//! legacy health port, and runs until shutdown, then drains within the deadline. Owns the
-//! accept loop and every connection-level limit and timeout.
+//! The server's phases and its request path: binds the listeners, assembles in [`app`] the
+//! one chain of layers that serves gRPC and HTTP on the main port (and the HTTP routes alone
+//! on the legacy health port), runs until shutdown, then drains within the deadline. The
+//! accept loop and the connection limits are `accept.rs`'s; a connection's life, `conn.rs`'s.
 
+mod accept;
+mod conn;
 mod control;
 mod partial;
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::extract::{ConnectInfo, DefaultBodyLimit};
-use axum::http::header::{CONNECTION, RETRY_AFTER};
-use axum::http::{HeaderValue, StatusCode, Version};
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json, Router};
-use hyper::body::{Body, Frame, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
-use tower::{Layer as _, Service, ServiceBuilder};
+use tower::{Layer as _, ServiceBuilder};
 use tower_http::LatencyUnit;
 use tower_http::trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::{Level, debug, error, info, warn};
 
 use crate::auth::{self, Auth, Keyring};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
-use crate::caller::peer_key;
-use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings, Settings};
+use crate::config::Settings;
 use crate::exporter::{self, Exporter};
 use crate::grpc::{self, KvService};
 use crate::guard::Guard;
 use crate::header_limit::{HeaderLimit, HeaderLimited};
 use crate::health_watch::{self, HealthWatches};
 use crate::http;
-use crate::metrics::{Connections, Limit, Metrics, Rpc, RpcLayer};
-use crate::open_files;
+use crate::metrics::{Metrics, Rpc, RpcLayer};
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
@@ -60,6 +43,8 @@ use crate::share::Shares;
 use crate::startup::Startup;
 use crate::store::Store;
 use crate::telemetry::Escaped;
+
+use accept::{Listener, open_file_cap, serve};
 
 /// A server whose listeners are bound (so their addresses are known, even for port 0) but
 /// which serves nothing until [`Server::run`].
@@ -154,24 +139,8 @@ impl Server {
             .set_serving::<KeyValueStoreServer<KvService>>()
             .await;
         let metrics = Arc::new(Metrics::new());
-        let guard = Guard::new(
-            settings.server.max_in_flight,
-            settings.server.request_timeout,
-            metrics.clone(),
-        );
-        let exporter = Exporter::new(metrics.clone(), store.clone(), guard.clone());
-        let layers = Layers {
-            guard,
-            bodies: RequestBodies::new(
-                settings.server.max_request_bytes_in_flight,
-                settings.server.request_body_timeout,
-                metrics.clone(),
-            ),
-            exporter,
-            access: Access::new(&settings, keyring, metrics.clone()),
-            hosts,
-        };
-        let app = main_router(
+        let layers = Layers::new(&settings, keyring, hosts, &metrics, &store);
+        let app = app(
             &settings,
             store.clone(),
             &draining,
@@ -192,9 +161,7 @@ impl Server {
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
-                let routes = layers
-                    .access
-                    .guard(http_router(&draining, &settings, &layers));
+                let routes = health_app(&settings, &draining, &layers);
                 let routes =
                     Listener::new("health", routes, None, &settings.server, &metrics, &files);
                 Some(serve(listener, routes, stop.clone(), drain))
@@ -266,13 +233,29 @@ impl Server {
     }
 }
 
-/// gRPC (the KV service, health, reflection v1 and v1alpha) and the HTTP routes on one
-/// router. Only the KV service is guarded, so health checks and reflection answer while KV
-/// calls are shed. Its metrics layer sits outside the guard, so calls the guard refuses are
-/// counted (and logged) too; health and reflection calls are traced by tower-http. Every
-/// gRPC service refuses what is not gRPC over HTTP/2 ([`GrpcOnly`]), so a web page cannot
-/// call it. Authentication and the rate limit cover the whole router and decide by path.
-fn main_router(
+/// The request path of the main listener, from the socket in. Each step is one layer, in one
+/// file:
+///
+/// 1. connection tracking (`server/conn.rs`): a request counts as open on its connection
+///    until its response body is dropped, which the idle and first-request deadlines read;
+/// 2. connect info: the peer's address, for the rate limit and the per-client shares;
+/// 3. the header limit (`header_limit.rs`, `server.max_header_bytes`);
+/// 4. authentication (`auth.rs`), then the per-client rate limit (`rate_limit.rs`), both by
+///    path, so a route added later is closed and limited unless listed as open;
+/// 5. the routes:
+///    - HTTP: `/health/live`, `/health/ready` and the 404 fallback (`http.rs`), `/metrics`
+///      (`exporter.rs`) behind the Host check (`browser.rs`), all under the HTTP body limit;
+///    - gRPC, each service refusing what is not gRPC over HTTP/2 (`browser.rs`), so a web page
+///      cannot call it: the KV service through its metrics (`metrics.rs`, which count and log
+///      every call, refused ones included), its request message read whole
+///      (`request_body.rs`), the guard (`guard.rs`: in-flight limit, deadline, drain gate) and
+///      the service (`grpc.rs`); health through its Watch cap (`health_watch.rs`) and message
+///      limit; reflection through its message limit. Health and reflection answer while KV
+///      calls are shed.
+///
+/// Steps 1 and 2 belong to a connection and are added by `conn.rs` as it serves one; this
+/// builds the rest, once.
+fn app(
     settings: &Settings,
     store: Store,
     draining: &CancellationToken,
@@ -281,7 +264,7 @@ fn main_router(
         impl tonic_health::pb::health_server::Health,
     >,
     layers: &Layers,
-) -> anyhow::Result<Router> {
+) -> anyhow::Result<HeaderLimited<Router>> {
     auth::warn_if_exposed(&settings.auth, settings.server.listen);
     let metrics = layers.exporter.metrics();
     let guard = layers.guard.clone();
@@ -362,7 +345,18 @@ fn main_router(
         .fallback(http::fallback);
     // Resolves the routes once, instead of for every request (axum's "note about
     // performance").
-    Ok(layers.access.guard(app).with_state(()))
+    let app = layers.access.guard(app).with_state(());
+    Ok(layers.header_limit.clone().layer(app))
+}
+
+/// The request path of the legacy health listener: as [`app`]'s, with the HTTP routes alone.
+fn health_app(
+    settings: &Settings,
+    draining: &CancellationToken,
+    layers: &Layers,
+) -> HeaderLimited<Router> {
+    let routes = layers.access.guard(http_router(draining, settings, layers));
+    layers.header_limit.clone().layer(routes)
 }
 
 /// The largest gRPC health request: a service name.
@@ -389,14 +383,43 @@ fn request_span<B>(request: &::http::Request<B>) -> tracing::Span {
     )
 }
 
-/// What wraps the routes: the KV guard, the request bodies' budget, the metrics exporter,
-/// access control, and the Host check of the HTTP routes that read data.
+/// What wraps the routes: the header limit, the KV guard, the request bodies' budget, the
+/// metrics exporter, access control, and the Host check of the HTTP routes that read data.
 struct Layers {
+    header_limit: HeaderLimit,
     guard: Guard,
     bodies: RequestBodies,
     exporter: Exporter,
     access: Access,
     hosts: AllowedHosts,
+}
+
+impl Layers {
+    fn new(
+        settings: &Settings,
+        keyring: Keyring,
+        hosts: AllowedHosts,
+        metrics: &Arc<Metrics>,
+        store: &Store,
+    ) -> Self {
+        let guard = Guard::new(
+            settings.server.max_in_flight,
+            settings.server.request_timeout,
+            metrics.clone(),
+        );
+        Self {
+            header_limit: HeaderLimit::new(settings.server.max_header_bytes, metrics.clone()),
+            exporter: Exporter::new(metrics.clone(), store.clone(), guard.clone()),
+            guard,
+            bodies: RequestBodies::new(
+                settings.server.max_request_bytes_in_flight,
+                settings.server.request_body_timeout,
+                metrics.clone(),
+            ),
+            access: Access::new(settings, keyring, metrics.clone()),
+            hosts,
+        }
+    }
 }
 
 /// Authentication and the per-client rate limit, each present only when configured.
@@ -460,792 +483,104 @@ fn http_router(draining: &CancellationToken, settings: &Settings, layers: &Layer
         ))
 }
 
-/// What every connection of one listener shares.
-struct Listener {
-    name: &'static str,
-    app: HeaderLimited<Router>,
-    /// Counts this listener's open connections, for metrics.
-    open: Connections,
-    /// Counts refused connections and connections cut by `server.handshake_timeout`.
-    metrics: Arc<Metrics>,
-    http: auto::Builder<TokioExecutor>,
-    tls: Option<TlsAcceptor>,
-    max_connections: usize,
-    /// This listener's connections by address, and the proxies exempt from their cap.
-    per_address: PerAddress,
-    /// The cap the open-file limit puts on every listener's connections together, if it is
-    /// below what `server.max_connections` asks.
-    files: Option<Arc<FileCap>>,
-    handshake_timeout: Duration,
-    idle_timeout: Option<Duration>,
-    max_control_frames: u32,
-}
-
-impl Listener {
-    fn new(
-        name: &'static str,
-        app: Router,
-        tls: Option<TlsAcceptor>,
-        settings: &ServerSettings,
-        metrics: &Arc<Metrics>,
-        files: &Option<Arc<FileCap>>,
-    ) -> Arc<Self> {
-        let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
-        let ceiling = header_ceiling(settings.max_header_bytes);
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
-            .timer(TokioTimer::new())
-            // A request's head must fit in the read buffer. It is never larger than the
-            // header list counted as HTTP/2 does (each field line costs 4 bytes of syntax
-            // against 32 counted), so a request within the ceiling always fits.
-            .max_buf_size(ceiling.max(MIN_HEADER_BYTES))
-            // Each field counts at least 33 bytes, so more fields than ceiling / 32 are
-            // beyond the ceiling anyway; hyper's default of 100 would refuse smaller
-            // requests with many short fields.
-            .max_headers((ceiling / 32).min(MAX_HTTP1_FIELDS))
-            // Headers of a request after the first on a kept-alive connection; the first is
-            // bounded by handshake_timeout, in `serve_http`.
-            .header_read_timeout(idle_timeout);
-        http.http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(settings.max_streams_per_connection)
-            .max_header_list_size(u32::try_from(ceiling).unwrap_or(u32::MAX))
-            .keep_alive_interval(Some(settings.keepalive_interval).filter(|t| !t.is_zero()))
-            .keep_alive_timeout(settings.keepalive_timeout);
-        Arc::new(Self {
-            name,
-            app: HeaderLimit::new(settings.max_header_bytes, metrics.clone()).layer(app),
-            open: metrics.connections(name),
-            metrics: metrics.clone(),
-            http,
-            tls,
-            max_connections: settings.max_connections,
-            per_address: PerAddress {
-                cap: settings.connections_per_address(),
-                trusted: settings.trusted_proxies.clone(),
-                open: Arc::default(),
-            },
-            files: files.clone(),
-            handshake_timeout: settings.handshake_timeout,
-            idle_timeout,
-            max_control_frames: settings.max_control_frames,
-        })
-    }
-}
-
-/// The most header fields an HTTP/1.1 request may have, whatever `server.max_header_bytes`:
-/// past hyper's default of 100, hyper allocates a parse slot (64 bytes) for every possible
-/// field of every request, so this caps that at 64 KiB a request.
-const MAX_HTTP1_FIELDS: usize = 1024;
-
-/// What hyper and h2 hold request headers to, for `server.max_header_bytes` = `max`: twice
-/// the limit. Between the limit and this ceiling, requests reach [`HeaderLimit`], which
-/// refuses them naming the key; beyond it hyper (HTTP/1.1: 431, then close) and h2 (a 431 for
-/// that stream, or a GOAWAY for a header block too large to buffer) refuse them without a
-/// word of why, but without buffering more either. Twice: overshooting the limit by up to
-/// as much again (the usual accident: a token or a cookie that grew, headers a proxy added)
-/// is told what to change, while what one request can make the server hold only doubles.
-fn header_ceiling(max: usize) -> usize {
-    max.saturating_mul(2)
-}
-
-/// Accepts connections until `stop`, then waits up to `drain` for them to finish and closes
-/// the rest. Each connection is its own task, TLS handshake included, so one slow peer never
-/// holds up another. Past `server.max_connections`, the open-file cap or
-/// `server.max_connections_per_address` a connection is refused as soon as it is accepted
-/// (see [`refuse`]): the client learns at once, instead of waiting in the kernel's backlog.
-async fn serve(
-    listener: TcpListener,
-    shared: Arc<Listener>,
-    stop: CancellationToken,
-    drain: Duration,
-) {
-    let name = shared.name;
-    let mut connections = JoinSet::new();
-    let mut refusals = Refusals::default();
-    let mut accept_errors = Throttled::default();
-    // Refused connections being told why; bounded, so a flood costs at most this many tasks.
-    let mut refusing = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    // Finished connections may not have been reaped yet; they must not count.
-                    while connections.try_join_next().is_some() {}
-                    while refusing.try_join_next().is_some() {}
-                    match shared.admit(connections.len(), peer.ip()) {
-                        Ok(slots) => {
-                            let connection = connection(stream, peer, shared.clone(), stop.clone());
-                            connections.spawn(shared.open.track(async move {
-                                connection.await;
-                                drop(slots);
-                            }));
-                        }
-                        Err(refusal) => {
-                            refusals.record(name, peer, refusal, &shared);
-                            shared.metrics.refused(refusal.limit());
-                            // Past the bound the connection is just closed.
-                            if refusing.len() < MAX_REFUSING {
-                                refusing.spawn(refuse(stream, peer, refusal, shared.clone()));
-                            }
-                        }
-                    }
-                }
-                Err(err) => {
-                    // Usually out of file descriptors (the open-file cap leaves room for
-                    // refusals, but other processes' descriptors count against the system's
-                    // limit too): back off instead of spinning, and warn once per interval
-                    // rather than on every try.
-                    if let Some(failed) = accept_errors.due() {
-                        warn!(listener = name, error = %err, failed, "accepting connections failed; retrying every 100 ms");
-                    }
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-        }
-    }
-    drop(listener);
-    if connections.is_empty() {
-        return;
-    }
-    info!(
-        listener = name,
-        connections = connections.len(),
-        "shutdown: waiting for open connections"
-    );
-    let drained = tokio::time::timeout(drain, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        warn!(
-            listener = name,
-            connections = connections.len(),
-            drain_timeout = %humantime::format_duration(drain),
-            "shutdown: drain deadline passed, closing the remaining connections"
-        );
-        connections.shutdown().await;
-    }
-}
-
-/// Refused connections told why at once, at most; more are closed without a word. This is
-/// also what bounds the TLS handshakes done for refusals.
-const MAX_REFUSING: usize = 64;
-
-/// How long a refused connection has to complete its TLS handshake (on a TLS listener), send
-/// its first request and take the answer.
-const REFUSAL_TIME: Duration = Duration::from_secs(1);
-
-/// How long the accept loop waits after `accept` fails before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// Why a connection was refused as soon as it was accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    /// `server.max_connections` are open on this listener.
-    MaxConnections,
-    /// The open-file limit's cap on every listener's connections together is reached.
-    OpenFiles,
-    /// `server.max_connections_per_address` are open from the peer's address.
-    PerAddress,
-}
-
-impl Refusal {
-    /// The limit it is counted under: the open-file cap is `server.max_connections`,
-    /// lowered.
-    fn limit(self) -> Limit {
-        match self {
-            Self::MaxConnections | Self::OpenFiles => Limit::MaxConnections,
-            Self::PerAddress => Limit::MaxConnectionsPerAddress,
-        }
-    }
-
-    /// What the client is told, naming the setting to change.
-    fn reason(self, shared: &Listener) -> String {
-        match (self, &shared.files) {
-            (Self::OpenFiles, Some(files)) => format!(
-                "{} connections are open, all that the server's open-file limit leaves room for (server.max_connections, {}, was lowered at start-up); retry with backoff",
-                files.cap, shared.max_connections
-            ),
-            (Self::PerAddress, _) => format!(
-                "server.max_connections_per_address ({}) connections are open from this address; retry with backoff",
-                shared.per_address.cap
-            ),
-            (Self::MaxConnections | Self::OpenFiles, _) => format!(
-                "server.max_connections ({}) connections are open; retry with backoff",
-                shared.max_connections
-            ),
-        }
-    }
-}
-
-/// What an admitted connection holds until it closes: its place under the open-file cap and
-/// under its address's cap (neither when not capped).
-struct Slots {
-    _file: Option<FileSlot>,
-    _address: Option<AddressSlot>,
-}
-
-impl Listener {
-    /// Admits a connection from `ip` with `open` connections on this listener already, or
-    /// says which limit refuses it. The table-wide limits are checked first: when the table
-    /// is full that is what the client should hear.
-    fn admit(&self, open: usize, ip: IpAddr) -> Result<Slots, Refusal> {
-        if open >= self.max_connections {
-            return Err(Refusal::MaxConnections);
-        }
-        let file = match &self.files {
-            Some(files) => Some(FileCap::take(files).ok_or(Refusal::OpenFiles)?),
-            None => None,
-        };
-        let address = self.per_address.take(ip)?;
-        Ok(Slots {
-            _file: file,
-            _address: address,
-        })
-    }
-}
-
-/// The cap on connections of every listener together that the open-file limit sets, when it
-/// leaves room for fewer than `server.max_connections` on each listener.
-struct FileCap {
-    cap: usize,
-    open: AtomicUsize,
-}
-
-impl FileCap {
-    fn take(this: &Arc<Self>) -> Option<FileSlot> {
-        this.open
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
-                (open < this.cap).then_some(open + 1)
-            })
-            .ok()?;
-        Some(FileSlot(this.clone()))
-    }
-}
-
-/// One connection under the [`FileCap`], until dropped.
-struct FileSlot(Arc<FileCap>);
-
-impl Drop for FileSlot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The open-file cap for `listeners` listeners of `settings`, if the limit is too low for
-/// `server.max_connections` on each; says so at start-up, with the numbers and what to
-/// change. Room is kept for the descriptors that are not connections
-/// ([`open_files::RESERVED`]) and for the refusals each listener answers at once (and the
-/// one it closes without a word), so that `accept` itself never runs out and a client past
-/// the cap hears why.
-fn open_file_cap(settings: &ServerSettings, listeners: usize) -> Option<Arc<FileCap>> {
-    let limit = open_files::current()?;
-    let soft = usize::try_from(limit.soft?).unwrap_or(usize::MAX);
-    let reserved = open_files::RESERVED + listeners * (MAX_REFUSING + 1);
-    let cap = soft.saturating_sub(reserved);
-    if cap >= settings.max_connections.saturating_mul(listeners) {
-        return None;
-    }
-    warn!(
-        open_files = soft,
-        open_files_hard = limit.hard,
-        reserved,
-        max_connections = settings.max_connections,
-        listeners,
-        connection_cap = cap,
-        "the open-file limit (RLIMIT_NOFILE) is below what server.max_connections needs: \
-         connections of all listeners together are capped at connection_cap, and refused past \
-         it like those past server.max_connections; raise the hard limit (systemd \
-         LimitNOFILE=, ulimit -Hn, podman/docker --ulimit nofile=) or lower server.max_connections"
-    );
-    Some(Arc::new(FileCap {
-        cap,
-        open: AtomicUsize::new(0),
-    }))
-}
-
-/// One listener's connections by address (IPv6: by /64), for
-/// `server.max_connections_per_address`. An entry lives while its address has a connection
-/// open, so the map is never larger than the connection table.
-struct PerAddress {
-    cap: usize,
-    /// `server.trusted_proxies`: exempt, since one of their connections carries many clients.
-    trusted: Vec<Cidr>,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl PerAddress {
-    /// A place for one more connection from `ip`; `None` for a trusted proxy, which takes
-    /// none.
-    fn take(&self, ip: IpAddr) -> Result<Option<AddressSlot>, Refusal> {
-        if self.trusted.iter().any(|net| net.contains(ip)) {
-            return Ok(None);
-        }
-        let key = peer_key(ip);
-        let mut open = self
-            .open
-            .lock()
-            .expect("never poisoned: no panic while held");
-        let count = open.entry(key).or_insert(0);
-        if *count >= self.cap {
-            return Err(Refusal::PerAddress);
-        }
-        *count += 1;
-        Ok(Some(AddressSlot {
-            key,
-            open: self.open.clone(),
-        }))
-    }
-}
-
-/// One connection under its address's cap, until dropped.
-struct AddressSlot {
-    key: IpAddr,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self
-            .open
-            .lock()
-            .expect("never poisoned: no panic while held");
-        if let Some(count) = open.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.key);
-            }
-        }
-    }
-}
-
-/// Tells a connection refused for `refusal` why, in its own protocol: after the TLS handshake
-/// on a TLS listener, it is served (HTTP/1.1 or HTTP/2, as for any connection) with
-/// [`refusal`] as its only handler, and closed after the first answer (HTTP/2: with a
-/// GOAWAY). A real answer, rather than a GOAWAY's debug data, is what reaches the caller:
-/// tonic reports a GOAWAY as a bare "h2 protocol error". All of it is bounded by
-/// [`REFUSAL_TIME`]; a client that asks nothing in time is closed without a word.
-async fn refuse(stream: TcpStream, peer: SocketAddr, why: Refusal, shared: Arc<Listener>) {
-    let answered = tokio::time::timeout(REFUSAL_TIME, async {
-        match &shared.tls {
-            None => answer_refusal(TokioIo::new(stream), why, &shared).await,
-            Some(tls) => match tls.accept(stream).await {
-                Ok(stream) => answer_refusal(TokioIo::new(stream), why, &shared).await,
-                Err(err) => debug!(listener = shared.name, %peer, error = %err, "TLS handshake of a refused connection failed"),
-            },
-        }
-    })
-    .await;
-    if answered.is_err() {
-        debug!(listener = shared.name, %peer, "a refused connection was not done within 1s, closing");
-    }
-}
-
-/// Serves `io` with [`refusal`] until it has answered once, then closes it gracefully.
-async fn answer_refusal<IO>(io: IO, why: Refusal, shared: &Listener)
-where
-    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let reason = why.reason(shared);
-    let answered = Arc::new(Notify::new());
-    let service = hyper::service::service_fn({
-        let answered = answered.clone();
-        move |request| {
-            answered.notify_one();
-            std::future::ready(Ok::<_, Infallible>(refusal(&request, &reason)))
-        }
-    });
-    let connection = shared.http.serve_connection(io, service);
-    tokio::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        () = answered.notified() => {}
-    }
-    // One answer says it all: a client asking again would get the same.
-    connection.as_mut().graceful_shutdown();
-    let _ = connection.await;
-}
-
-/// The answer to every request on a refused connection: a gRPC call gets `UNAVAILABLE`
-/// (retrying elsewhere is safe: nothing was processed), any other request a 503 with
-/// `retry-after`; both give `reason`, which names the limit.
-fn refusal<B>(request: &::http::Request<B>, reason: &str) -> Response {
-    if http::is_grpc(request) {
-        return http::grpc_error(tonic::Status::unavailable(reason));
-    }
-    let body = Json(serde_json::json!({ "error": reason }));
-    let mut response =
-        (StatusCode::SERVICE_UNAVAILABLE, [(RETRY_AFTER, "1")], body).into_response();
-    if request.version() < Version::HTTP_2 {
-        // HTTP/2 ends the connection with its GOAWAY; HTTP/1.1 says so in the answer.
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-/// How often, at most, a recurring problem of the accept loop (refused connections, failed
-/// accepts) is logged at warn: a flood of them must not flood the log too.
-const WARNING_EVERY: Duration = Duration::from_secs(10);
-
-/// Occurrences of one recurring problem since its last warning.
-#[derive(Default)]
-struct Throttled {
-    since_warning: u64,
-    warned_at: Option<Instant>,
-}
-
-impl Throttled {
-    /// Counts one occurrence; when a warning is due (the first, then at most one every
-    /// [`WARNING_EVERY`]), returns how many it covers.
-    fn due(&mut self) -> Option<u64> {
-        self.since_warning += 1;
-        if self
-            .warned_at
-            .is_some_and(|at| at.elapsed() < WARNING_EVERY)
-        {
-            return None;
-        }
-        self.warned_at = Some(Instant::now());
-        Some(std::mem::take(&mut self.since_warning))
-    }
-}
-
-/// Connections refused since the last warning, by [`Refusal`].
-#[derive(Default)]
-struct Refusals([Throttled; 3]);
-
-impl Refusals {
-    fn record(
-        &mut self,
-        listener: &'static str,
-        peer: SocketAddr,
-        why: Refusal,
-        shared: &Listener,
-    ) {
-        let limit = why.limit().key();
-        debug!(listener, %peer, limit, "refused a connection");
-        let Some(refused) = self.0[why as usize].due() else {
-            return;
-        };
-        match why {
-            Refusal::MaxConnections => warn!(
-                listener,
-                max_connections = shared.max_connections,
-                refused,
-                "refusing connections: server.max_connections are open"
-            ),
-            Refusal::OpenFiles => warn!(
-                listener,
-                connection_cap = shared.files.as_ref().map(|files| files.cap),
-                refused,
-                "refusing connections: the open-file limit's connection cap is reached (see the start-up warning)"
-            ),
-            Refusal::PerAddress => warn!(
-                listener,
-                max_connections_per_address = shared.per_address.cap,
-                refused,
-                address = %peer_key(peer.ip()),
-                "refusing connections: server.max_connections_per_address are open from one address"
-            ),
-        }
-    }
-}
-
-/// One connection, from accept to close: the TLS handshake if the listener has TLS, then
-/// HTTP. A failed handshake is the client's problem (plaintext to a TLS port, an unknown CA,
-/// no client certificate), so it is logged at debug only.
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Listener>,
-    stop: CancellationToken,
-) {
-    let accepted = Instant::now();
-    // Small HTTP/2 frames must not wait for delayed ACKs (tonic does the same).
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%peer, error = %err, "setting TCP_NODELAY failed");
-    }
-    let Some(tls) = &shared.tls else {
-        return serve_http(stream, peer, accepted, &shared, stop).await;
-    };
-    let handshake =
-        tokio::time::timeout_at(accepted + shared.handshake_timeout, tls.accept(stream));
-    let stream = tokio::select! {
-        result = handshake => match result {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => {
-                debug!(listener = shared.name, %peer, error = %err, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                debug!(listener = shared.name, %peer, "TLS handshake took longer than server.handshake_timeout");
-                shared.metrics.refused(Limit::HandshakeTimeout);
-                return;
-            }
-        },
-        () = stop.cancelled() => return,
-    };
-    serve_http(stream, peer, accepted, &shared, stop).await;
-}
-
-/// Serves HTTP/1.1 or HTTP/2 on `io` until the peer closes, or until the connection is
-/// closed for sending no request within `server.handshake_timeout`, for a request or HTTP/2
-/// frame partly received for as long (see [`partial`]), for HTTP/2 frames that do no work
-/// past `server.max_control_frames` (see [`control`]), for having no open request for
-/// `server.idle_timeout`, or for shutdown.
-async fn serve_http<IO>(
-    io: IO,
-    peer: SocketAddr,
-    accepted: Instant,
-    shared: &Listener,
-    stop: CancellationToken,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let activity = Arc::new(Activity::new(accepted));
-    let io = TokioIo::new(partial::Partial::new(
-        io,
-        activity.clone(),
-        shared.handshake_timeout,
-        shared.max_control_frames,
-    ));
-    // Per-client rate limiting keys unauthenticated clients by their address.
-    let service = TowerToHyperService::new(Tracked {
-        inner: Extension(ConnectInfo(peer)).layer(shared.app.clone()),
-        activity: activity.clone(),
-    });
-    let connection = shared.http.serve_connection_with_upgrades(io, service);
-    tokio::pin!(connection);
-    let mut phase = Phase::Serving;
-    let result = loop {
-        let deadline = match (phase, activity.quiet()) {
-            // Bounded by shutdown.drain_timeout, in `serve`.
-            (Phase::ShuttingDown, _) => None,
-            // A peer that never answers the GOAWAY (dead, with keepalive off) must not keep
-            // the connection for ever; one that opened a stream meanwhile is served.
-            (Phase::IdleClosing(_), Quiet::Busy) => Some(Instant::now() + shared.handshake_timeout),
-            (Phase::IdleClosing(since), _) => Some(since + shared.handshake_timeout),
-            // Nothing wakes us when a request starts or ends, so look again after at most
-            // one idle_timeout: that is early enough for the idle deadline of a request
-            // that ends in the meantime.
-            (Phase::Serving, Quiet::NeverUsed) => {
-                let first_request = accepted + shared.handshake_timeout;
-                Some(match shared.idle_timeout {
-                    Some(idle) => first_request.min(Instant::now() + idle),
-                    None => first_request,
-                })
-            }
-            (Phase::Serving, Quiet::Busy) => shared.idle_timeout.map(|idle| Instant::now() + idle),
-            (Phase::Serving, Quiet::Since(at)) => shared.idle_timeout.map(|idle| at + idle),
-        };
-        tokio::select! {
-            result = connection.as_mut() => break result,
-            () = stop.cancelled(), if phase != Phase::ShuttingDown => {
-                connection.as_mut().graceful_shutdown();
-                phase = Phase::ShuttingDown;
-            }
-            () = tokio::time::sleep_until(deadline.unwrap_or(accepted)), if deadline.is_some() => {
-                let now = Instant::now();
-                match (phase, activity.quiet()) {
-                    (Phase::Serving, Quiet::NeverUsed) if now >= accepted + shared.handshake_timeout => {
-                        // Nothing was asked, so there is nothing to finish gracefully.
-                        debug!(listener = shared.name, %peer, "no request within server.handshake_timeout, closing");
-                        shared.metrics.refused(Limit::HandshakeTimeout);
-                        return;
-                    }
-                    (Phase::Serving, Quiet::Since(at)) if shared.idle_timeout.is_some_and(|idle| now >= at + idle) => {
-                        debug!(listener = shared.name, %peer, "idle for server.idle_timeout, closing");
-                        connection.as_mut().graceful_shutdown();
-                        phase = Phase::IdleClosing(now);
-                    }
-                    (Phase::IdleClosing(_), Quiet::NeverUsed | Quiet::Since(_)) => {
-                        debug!(listener = shared.name, %peer, "no answer to the idle close, dropping the connection");
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-        }
-    };
-    if activity.partial_timed_out.load(Ordering::Relaxed) {
-        // Its reads failed: hyper has dropped the connection without a word.
-        debug!(listener = shared.name, %peer, "a request or frame partly received for longer than server.handshake_timeout, closed");
-        shared.metrics.refused(Limit::HandshakeTimeout);
-    } else if activity.control_flood.load(Ordering::Relaxed) {
-        // Closed with a GOAWAY (ENHANCE_YOUR_CALM) written by `partial`, if the socket took it.
-        debug!(listener = shared.name, %peer, "HTTP/2 frames that do no work spent server.max_control_frames, closed");
-        shared.metrics.refused(Limit::MaxControlFrames);
-    } else if let Err(err) = result {
-        debug!(listener = shared.name, %peer, error = %err, "connection closed with an error");
-    }
-}
-
-/// Where a connection is in its life, for the deadlines of `serve_http`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Serving,
-    /// Idle since `serve_http` asked it to close gracefully at this instant.
-    IdleClosing(Instant),
-    ShuttingDown,
-}
-
-/// The requests open on one connection, and when the last one ended: what the idle and
-/// first-request deadlines are measured from. Written by every request, read by the
-/// connection's own task when a deadline passes.
-struct Activity {
-    open: AtomicUsize,
-    /// Nanoseconds from `epoch` to the end of the latest request; [`NEVER`] before any.
-    last_end: AtomicU64,
-    epoch: Instant,
-    /// Set when [`partial::Partial`] failed a read for a partial request out of time.
-    partial_timed_out: AtomicBool,
-    /// Set when [`partial::Partial`] closed the connection for spending its budget of
-    /// frames that do no work.
-    control_flood: AtomicBool,
-}
-
-const NEVER: u64 = u64::MAX;
-
-enum Quiet {
-    Busy,
-    NeverUsed,
-    Since(Instant),
-}
-
-impl Activity {
-    fn new(epoch: Instant) -> Self {
-        Self {
-            open: AtomicUsize::new(0),
-            last_end: AtomicU64::new(NEVER),
-            epoch,
-            partial_timed_out: AtomicBool::new(false),
-            control_flood: AtomicBool::new(false),
-        }
-    }
-
-    fn quiet(&self) -> Quiet {
-        // Acquire pairs with the Release in `Open::drop`: a request seen ended has its
-        // end time stored.
-        if self.open.load(Ordering::Acquire) > 0 {
-            return Quiet::Busy;
-        }
-        match self.last_end.load(Ordering::Relaxed) {
-            NEVER => Quiet::NeverUsed,
-            nanos => Quiet::Since(self.epoch + Duration::from_nanos(nanos)),
-        }
-    }
-}
-
-/// One open request: from the service call until its response body is dropped, so a
-/// Subscribe stream counts for as long as it is open.
-struct Open(Arc<Activity>);
-
-impl Open {
-    fn new(activity: Arc<Activity>) -> Self {
-        activity.open.fetch_add(1, Ordering::Relaxed);
-        Self(activity)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        let activity = &self.0;
-        let nanos = u64::try_from(activity.epoch.elapsed().as_nanos()).unwrap_or(NEVER - 1);
-        activity.last_end.store(nanos, Ordering::Relaxed);
-        activity.open.fetch_sub(1, Ordering::Release);
-    }
-}
-
-/// The router, counting each request in its connection's [`Activity`]. No allocation per
-/// request: the future and the body are wrapped in place.
-#[derive(Clone)]
-struct Tracked<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S, Req, B> Service<Req> for Tracked<S>
-where
-    S: Service<Req, Response = ::http::Response<B>>,
-{
-    type Response = ::http::Response<TrackedBody<B>>;
-    type Error = S::Error;
-    type Future = TrackedFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Req) -> Self::Future {
-        TrackedFuture {
-            open: Some(Open::new(self.activity.clone())),
-            future: self.inner.call(request),
-        }
-    }
-}
-
-pin_project! {
-    /// The response future; hands its [`Open`] on to the body.
-    struct TrackedFuture<F> {
-        #[pin]
-        future: F,
-        open: Option<Open>,
-    }
-}
-
-impl<F, B, E> Future for TrackedFuture<F>
-where
-    F: Future<Output = Result<::http::Response<B>, E>>,
-{
-    type Output = Result<::http::Response<TrackedBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.future.poll(cx))?;
-        let open = this.open.take();
-        Poll::Ready(Ok(response.map(|body| TrackedBody { body, _open: open })))
-    }
-}
-
-pin_project! {
-    /// The response body, unchanged; the request counts as open until it is dropped.
-    struct TrackedBody<B> {
-        #[pin]
-        body: B,
-        _open: Option<Open>,
-    }
-}
-
-impl<B: Body> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
+    use std::time::Duration;
 
     use super::*;
+
+    /// The request path driven without a socket (axum's `oneshot`): each layer answers what
+    /// is its to answer, and a call that passes them all reaches the service.
+    #[tokio::test]
+    async fn the_request_path_answers_each_request_at_its_layer_without_a_socket() {
+        use axum::body::Body;
+        use axum::http::{Request, StatusCode, Version};
+        use http_body_util::BodyExt as _;
+        use prost::Message as _;
+        use tower::ServiceExt as _;
+
+        let startup = Startup::from_settings(Settings::default()).unwrap();
+        let settings = &startup.settings;
+        let store = Store::new(settings.subscriptions.store, settings.history);
+        let metrics = Arc::new(Metrics::new());
+        let layers = Layers::new(settings, startup.keyring, startup.hosts, &metrics, &store);
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let (draining, end_streams) = (CancellationToken::new(), CancellationToken::new());
+        let app = app(
+            settings,
+            store.clone(),
+            &draining,
+            &end_streams,
+            health,
+            &layers,
+        )
+        .unwrap();
+        let send = |request: Request<Body>| app.clone().oneshot(request);
+
+        let live = send(Request::get("/health/live").body(Body::empty()).unwrap()).await;
+        assert_eq!(live.unwrap().status(), StatusCode::OK, "the HTTP routes");
+
+        let big = "x".repeat(settings.server.max_header_bytes);
+        let request = Request::get("/health/live").header("x-big", big);
+        let refused = send(request.body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(
+            refused.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the header limit"
+        );
+
+        let metrics_page = Request::get("/metrics").header("host", "attacker.example");
+        let refused = send(metrics_page.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            refused.status(),
+            StatusCode::FORBIDDEN,
+            "the Host check of /metrics"
+        );
+
+        let set = pb::SetRequest {
+            key: String::new(),
+            value: "v".into(),
+            ..Default::default()
+        };
+        let mut message = vec![0];
+        message.extend_from_slice(&u32::try_from(set.encoded_len()).unwrap().to_be_bytes());
+        set.encode(&mut message).unwrap();
+        let call = |version| {
+            Request::post("/kvstore.KeyValueStore/Set")
+                .version(version)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Body::from(message.clone()))
+                .unwrap()
+        };
+        let over_http1 = send(call(Version::HTTP_11)).await.unwrap();
+        assert_eq!(
+            over_http1.status(),
+            StatusCode::UPGRADE_REQUIRED,
+            "gRPC only over HTTP/2"
+        );
+
+        let answer = send(call(Version::HTTP_2)).await.unwrap();
+        let (parts, body) = answer.into_parts();
+        let trailers = body.collect().await.unwrap().trailers().cloned();
+        let status = parts
+            .headers
+            .get("grpc-status")
+            .or_else(|| trailers.as_ref().and_then(|t| t.get("grpc-status")))
+            .cloned();
+        assert_eq!(status.unwrap(), "3", "INVALID_ARGUMENT from the service");
+        assert_eq!(store.revision(), 0, "nothing was written");
+        let scrape = layers.exporter.encode(false).unwrap().1;
+        assert!(
+            scrape.contains(
+                "kvstore_grpc_requests_total{method=\"Set\",code=\"INVALID_ARGUMENT\"} 1"
+            ),
+            "the call was counted by the metrics layer:\n{scrape}"
+        );
+    }
 
     /// kvstore-server drives `run` on its main thread, where the accept loops run; the
     /// store's background task, held up here by a write lock taken before `run` starts, must
@@ -1299,19 +634,5 @@ mod tests {
             served.0.is_ok() && served.1.starts_with("HTTP/1.1 200"),
             "{served:?}"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_recurring_problem_warns_at_once_then_at_most_every_interval_with_its_count() {
-        let mut accept_errors = Throttled::default();
-        assert_eq!(accept_errors.due(), Some(1));
-        // One failed accept every ACCEPT_BACKOFF, as when out of file descriptors.
-        let mut warnings = Vec::new();
-        for _ in 0..300 {
-            tokio::time::advance(ACCEPT_BACKOFF).await;
-            warnings.extend(accept_errors.due());
-        }
-        // 30 s: one warning per 10 s, each counting the failures since the last.
-        assert_eq!(warnings, [100, 100, 100]);
     }
 }

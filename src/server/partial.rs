@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::conn::{Activity, Quiet};
 use super::control::{ControlBudget, FrameHeader};
-use super::{Activity, Quiet};
 
 /// The client's first bytes on an HTTP/2 connection (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
