@@ -1,38 +1,35 @@
 //! `hostile`: a well-behaved client in rounds without and with one kind of hostile client,
-//! alternating, and what the server did to each attacker.
+//! alternating, side by side in one run: its throughput and p99, the server's CPU, peak RSS
+//! and log bytes in each round, what the server did to the attackers and what they cost
+//! (`attack` runs them on a thread of their own). The kinds live in `hostile/`: tonic
+//! clients in `streams`, HTTP/2 by the `h2` crate in `h2`, frames by hand in `raw`.
+
+mod attack;
+mod h2;
+mod raw;
+mod streams;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use hdrhistogram::Histogram;
-use kvstore::pb::key_value_store_client::KeyValueStoreClient;
-use kvstore::pb::{ChangeEvent, GetRequest, SubscribeRequest};
+use kvstore::pb::{BatchRequest, SetRequest, SubscribeRequest};
 use serde::Serialize;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
-use tonic::{Code, Streaming};
 
-use crate::connect::{Client, connect, join_all};
+use crate::connect::{Client, connect};
 use crate::load_keys::preload;
-use crate::report::{
-    Latency, Summary, Tally, WorkloadReport, by_name, counts_row, nanos, new_histogram, range_of,
-    record,
-};
+use crate::process::{process_cpu, with_peak_rss};
+use crate::report::{Latency, Summary, WorkloadReport, by_name, counts_row, range_of};
+use crate::subscribers::mib;
 use crate::unary::run_unary;
-use crate::workload::{KEY_PREFIX, PRELOAD_BATCH, Workload};
+use crate::workload::{PRELOAD_BATCH, Workload};
 use crate::{Load, Mix, Target, parse_rate};
-
-/// Subscribers on one connection of never-reading subscribers.
-pub const NEVER_READING_PER_CONNECTION: usize = 100;
-
-/// After a hostile round, how long its never-reading subscribers may take to read what
-/// they were sent and reach the end of their streams.
-pub const NEVER_READING_DRAIN: Duration = Duration::from_secs(30);
+pub use attack::HostileOutcome;
+use attack::{Attack, Plan};
 
 /// A kind of hostile client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -46,17 +43,69 @@ pub enum Hostile {
     Silent,
     /// Clients calling Get as fast as they can, past the server's rate_limit.per_client.
     Flood,
-    /// All three at once.
+    /// The first three at once.
     All,
+    /// Unary calls that send their headers and never their message, --body-less-rate a
+    /// second, up to --body-less open at once.
+    BodyLess,
+    /// Connections announcing a zero HTTP/2 window that never read, each with List calls
+    /// of large answers open.
+    ZeroWindow,
+    /// Subscribe with `initial` on a prefix of --snapshot-keys keys, each cancelled after
+    /// its first message.
+    SnapshotChurn,
+    /// Control frames that do no work (--control-frame) in a loop, as fast as the socket
+    /// takes them, reconnecting when closed.
+    ControlFlood,
+    /// gRPC health Check calls holding a partial message of --partial-health-bytes.
+    PartialHealth,
+    /// Many connections from one address, each sending one complete request and then a
+    /// frame a byte a second.
+    OneSource,
+    /// Failing health calls without a token, their long `:path` indexed by HPACK so each
+    /// costs a few bytes: what the server logs for them.
+    LogFlood,
+    /// Many subscriptions from one address, each asking for progress events often.
+    SubscriptionHog,
+    /// Subscribe from the oldest retained revision on a prefix matching nothing, cancelled
+    /// once open.
+    ReplayChurn,
+    /// Idle subscriptions at every prefix length `a`, `aa`, ... up to --prefix-lengths.
+    PrefixLengths,
 }
 
 impl Hostile {
     pub fn includes(self, kind: Hostile) -> bool {
-        self == kind || self == Hostile::All
+        self == kind
+            || self == Hostile::All
+                && matches!(
+                    kind,
+                    Hostile::NeverReading | Hostile::Silent | Hostile::Flood
+                )
     }
 }
 
-#[derive(Debug, Args)]
+/// The frame of a control-flood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlFrame {
+    /// Connection-level WINDOW_UPDATE of 1.
+    WindowUpdate,
+    /// SETTINGS of 2,730 parameters.
+    Settings,
+    /// PING.
+    Ping,
+}
+
+/// Prefixes of the data the kinds set up before the rounds.
+const SNAPSHOT_PREFIX: &str = "hostile/snapshot/";
+const ZERO_WINDOW_PREFIX: &str = "hostile/zero-window/";
+const REPLAY_PREFIX: &str = "hostile/replay/";
+
+/// How long the well-behaved client's probe Subscribe may take to open.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Args)]
 pub struct HostileArgs {
     #[command(flatten)]
     pub target: Target,
@@ -114,6 +163,99 @@ pub struct HostileArgs {
     /// counts them apart from the well-behaved client (on Linux every 127.x.y.z is loopback).
     #[arg(long, default_value = "127.0.0.2")]
     pub hostile_source: IpAddr,
+
+    /// The server's log file (its stdout), to report the bytes it wrote in each round.
+    #[arg(long, value_name = "FILE")]
+    pub server_log: Option<PathBuf>,
+
+    /// body-less: calls held open at once, their headers sent and never their message.
+    #[arg(long, default_value_t = 1200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub body_less: u32,
+
+    /// body-less: new calls per second.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_rate)]
+    pub body_less_rate: f64,
+
+    /// body-less: connections they are spread over.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    pub body_less_connections: u32,
+
+    /// zero-window: connections announcing a zero stream window and never reading.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub zero_window_connections: u32,
+
+    /// zero-window: List calls kept open on each.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub zero_window_streams: u32,
+
+    /// zero-window: values under the listed prefix, set before the rounds.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub zero_window_values: u32,
+
+    /// zero-window: bytes per value; each answer is about values x this (under the
+    /// server's limits.max_response_bytes).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub zero_window_value_bytes: usize,
+
+    /// snapshot-churn: keys under the subscribed prefix, set before the rounds.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub snapshot_keys: u32,
+
+    /// snapshot-churn: Subscribe calls with `initial` per second, each cancelled after its
+    /// first message.
+    #[arg(long, default_value_t = 80.0, value_parser = parse_rate)]
+    pub snapshot_rate: f64,
+
+    /// control-flood: the frame sent in a loop.
+    #[arg(long, value_enum, default_value_t = ControlFrame::WindowUpdate)]
+    pub control_frame: ControlFrame,
+
+    /// control-flood: connections flooding at once, each reopened when the server closes it.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub control_flood_connections: u32,
+
+    /// partial-health: health Check calls held open with a partial message.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub partial_health: u32,
+
+    /// partial-health: bytes of each partial message (one byte short of what it declares).
+    #[arg(long, default_value_t = 4 << 20)]
+    pub partial_health_bytes: usize,
+
+    /// one-source: connections from the one hostile address, each sending one complete
+    /// request and then a frame a byte a second.
+    #[arg(long, default_value_t = 1100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub one_source: u32,
+
+    /// log-flood: failing health calls in flight, on one connection, without a token.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub log_flood_concurrency: u32,
+
+    /// log-flood: bytes of the long `:path`, sent once and then indexed by HPACK.
+    #[arg(long, default_value_t = 3900)]
+    pub log_flood_path_bytes: usize,
+
+    /// subscription-hog: subscriptions opened from the one hostile address.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub subscription_hog: u32,
+
+    /// subscription-hog: the progress interval each asks for.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub subscription_hog_progress: Duration,
+
+    /// replay-churn: Subscribe calls per second from the oldest retained revision, on a
+    /// prefix that matches nothing, each cancelled once open.
+    #[arg(long, default_value_t = 400.0, value_parser = parse_rate)]
+    pub replay_rate: f64,
+
+    /// replay-churn: changes written before the rounds, so the history is full
+    /// (history.max_events).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replay_history: u32,
+
+    /// prefix-lengths: idle subscriptions, one at each prefix length `a`, `aa`, ...
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefix_lengths: u32,
 }
 
 pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
@@ -122,7 +264,9 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
     if args.preload {
         preload(&clients, workload.keys, &workload.value, PRELOAD_BATCH, 2).await?;
     }
-    let server_addr = resolve(&args.target.server).await?;
+    prepare(&clients[0], &args).await?;
+    let plan = Arc::new(Plan::new(&args).await?);
+    let pid = args.target.server_pid;
     let mut rounds = Vec::new();
     for pair in 0..args.repeat {
         for &kind in &args.hostile {
@@ -136,10 +280,27 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
                 let label = hostile.map_or("without", |_| "with");
                 eprintln!("pair {pair}, {kind:?}: {label}");
                 let active = match hostile {
-                    Some(kind) => Some(Hostiles::start(&args, kind, server_addr).await?),
+                    Some(kind) => Some(Attack::start(plan.clone(), kind).await?),
                     None => None,
                 };
-                let run = run_unary(&clients, &workload, &args.load, args.rate).await?;
+                let probe = probe_subscribe(&clients[0]).await;
+                let log_before = log_bytes(&args)?;
+                let cpu_before = pid.map(process_cpu).transpose()?;
+                let started = Instant::now();
+                let (run, peak_rss) =
+                    with_peak_rss(pid, run_unary(&clients, &workload, &args.load, args.rate))
+                        .await?;
+                let run = run?;
+                let server_cores = match (pid, cpu_before) {
+                    (Some(pid), Some(before)) => Some(
+                        (process_cpu(pid)? - before).as_secs_f64()
+                            / started.elapsed().as_secs_f64(),
+                    ),
+                    _ => None,
+                };
+                let server_log_bytes = log_bytes(&args)?
+                    .zip(log_before)
+                    .map(|(after, before)| after.saturating_sub(before));
                 let outcome = match active {
                     Some(active) => Some(active.stop().await?),
                     None => None,
@@ -152,6 +313,10 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
                     errors: by_name(&run.tally.errors),
                     latency_us: Latency::of(&run.tally.latency),
                     behind_schedule: run.behind_schedule,
+                    server_cores,
+                    server_peak_rss_bytes: peak_rss,
+                    server_log_bytes,
+                    probe_subscribe: probe,
                     outcome,
                 });
             }
@@ -175,216 +340,87 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
     })
 }
 
-/// The server's address, for the silent connections, which are plain TCP.
-pub async fn resolve(endpoint: &Endpoint) -> anyhow::Result<SocketAddr> {
-    let authority = endpoint
-        .uri()
-        .authority()
-        .context("the server address has no host:port")?
-        .as_str()
-        .to_owned();
-    tokio::net::lookup_host(&authority)
-        .await
-        .with_context(|| format!("resolving {authority}"))?
-        .next()
-        .with_context(|| format!("{authority} resolves to no address"))
-}
-
-/// Hostile clients running during one round.
-pub struct Hostiles {
-    pub stop: CancellationToken,
-    /// Never-reading subscriptions, and the clients that keep their connections open.
-    pub never_reading: Vec<Streaming<ChangeEvent>>,
-    pub _never_reading_clients: Vec<Client>,
-    pub silent: JoinSet<SilentTally>,
-    pub flood: JoinSet<Tally>,
-    pub started: Instant,
-}
-
-/// What one silent connection slot saw: connections the server closed, and after how long.
-pub struct SilentTally {
-    pub closed_after: Histogram<u64>,
-    pub connect_errors: u64,
-}
-
-impl Hostiles {
-    /// Starts the hostile clients of `kind`; returns once they are in place: subscribed,
-    /// connected, flooding.
-    pub async fn start(
-        args: &HostileArgs,
-        kind: Hostile,
-        server: SocketAddr,
-    ) -> anyhow::Result<Self> {
-        let stop = CancellationToken::new();
-        let token = args.target.token.clone().unwrap_or_default();
-        let endpoint = args
-            .target
-            .server
-            .clone()
-            .local_address(Some(args.hostile_source));
-
-        let mut never_reading = Vec::new();
-        let mut never_reading_clients = Vec::new();
-        if kind.includes(Hostile::NeverReading) {
-            let count = args.never_reading as usize;
-            for _ in 0..count.div_ceil(NEVER_READING_PER_CONNECTION) {
-                let channel = endpoint
-                    .clone()
-                    .initial_stream_window_size(args.never_reading_window)
-                    .connect()
-                    .await
-                    .context("connecting a never-reading subscriber")?;
-                never_reading_clients.push(KeyValueStoreClient::with_interceptor(
-                    channel,
-                    token.clone(),
-                ));
-            }
-            for i in 0..count {
-                let mut client = never_reading_clients[i / NEVER_READING_PER_CONNECTION].clone();
-                let stream = client
-                    .subscribe(SubscribeRequest::default())
-                    .await
-                    .context("subscribing a never-reading subscriber")?
-                    .into_inner();
-                never_reading.push(stream);
-            }
-        }
-
-        let mut silent = JoinSet::new();
-        if kind.includes(Hostile::Silent) {
-            for _ in 0..args.silent {
-                silent.spawn(silent_connection(server, args.hostile_source, stop.clone()));
-            }
-        }
-
-        let mut flood = JoinSet::new();
-        if kind.includes(Hostile::Flood) {
-            for _ in 0..args.flood_connections {
-                let channel = endpoint.connect().await.context("connecting a flooder")?;
-                let client = KeyValueStoreClient::with_interceptor(channel, token.clone());
-                for _ in 0..args.flood_concurrency {
-                    flood.spawn(flood_worker(client.clone(), stop.clone()));
-                }
-            }
-        }
-        Ok(Self {
-            stop,
-            never_reading,
-            _never_reading_clients: never_reading_clients,
-            silent,
-            flood,
-            started: Instant::now(),
-        })
+/// Sets up the data the chosen kinds attack, from the well-behaved client's connection:
+/// the snapshot's keys, the large values, a full history.
+async fn prepare(client: &Client, args: &HostileArgs) -> anyhow::Result<()> {
+    let chosen = |kind| args.hostile.contains(&kind);
+    if chosen(Hostile::SnapshotChurn) {
+        eprintln!(
+            "setting {} keys under {SNAPSHOT_PREFIX}",
+            args.snapshot_keys
+        );
+        let keys = (0..args.snapshot_keys).map(|i| format!("{SNAPSHOT_PREFIX}{i:08}"));
+        set_all(client, keys, "s".repeat(64), 1000).await?;
     }
-
-    /// Stops them, reads the never-reading subscriptions to their end, and says how the
-    /// server treated each.
-    pub async fn stop(self) -> anyhow::Result<HostileOutcome> {
-        let seconds = self.started.elapsed().as_secs_f64();
-        self.stop.cancel();
-        let flood = Tally::merge_all(join_all(self.flood).await?);
-        let mut closed_after = new_histogram();
-        let mut connect_errors = 0;
-        for slot in join_all(self.silent).await? {
-            closed_after
-                .add(&slot.closed_after)
-                .expect("auto-resizing histograms accept any value");
-            connect_errors += slot.connect_errors;
-        }
-        let mut reading = JoinSet::new();
-        for stream in self.never_reading {
-            reading.spawn(read_to_end(stream));
-        }
-        let mut never_reading_ended: BTreeMap<String, u64> = BTreeMap::new();
-        for ended in join_all(reading).await? {
-            let name = ended.map_or_else(|| "still open".into(), |code| format!("{code:?}"));
-            *never_reading_ended.entry(name).or_default() += 1;
-        }
-        Ok(HostileOutcome {
-            never_reading_ended,
-            silent_closed: closed_after.len(),
-            silent_closed_after_ms: (!closed_after.is_empty())
-                .then(|| Latency::of(&closed_after).scaled(1e-3)),
-            silent_connect_errors: connect_errors,
-            flood_ok_per_s: flood.calls as f64 / seconds,
-            flood_errors: by_name(&flood.errors),
-        })
+    if chosen(Hostile::ZeroWindow) {
+        let keys = (0..args.zero_window_values).map(|i| format!("{ZERO_WINDOW_PREFIX}{i}"));
+        set_all(client, keys, "z".repeat(args.zero_window_value_bytes), 1).await?;
     }
-}
-
-/// Reads a never-reading subscription as a client that finally reads would: how it ended,
-/// or `None` if it was still open after [`NEVER_READING_DRAIN`].
-pub async fn read_to_end(mut stream: Streaming<ChangeEvent>) -> Option<Code> {
-    let read = async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => return Code::Ok,
-                Err(status) => return status.code(),
-            }
-        }
-    };
-    tokio::time::timeout(NEVER_READING_DRAIN, read).await.ok()
-}
-
-/// Holds one connection that sends nothing, from `source`, until `stop`; each time the server
-/// closes it, records after how long and opens another.
-pub async fn silent_connection(
-    server: SocketAddr,
-    source: IpAddr,
-    stop: CancellationToken,
-) -> SilentTally {
-    let mut tally = SilentTally {
-        closed_after: new_histogram(),
-        connect_errors: 0,
-    };
-    while !stop.is_cancelled() {
-        let opened = Instant::now();
-        let socket = match server {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-        };
-        let connected = match socket.and_then(|s| s.bind(SocketAddr::new(source, 0)).map(|()| s)) {
-            Ok(socket) => socket.connect(server).await,
-            Err(err) => Err(err),
-        };
-        let mut stream = match connected {
-            Ok(stream) => stream,
-            Err(_) => {
-                tally.connect_errors += 1;
-                // Past the server's connection limit, or out of ports: do not spin.
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                }
-            }
-        };
-        let mut buffer = [0u8; 64];
-        let closed = tokio::select! {
-            () = stop.cancelled() => false,
-            // Anything read, or an end, or an error: the server is done with it.
-            _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buffer) => true,
-        };
-        if closed {
-            record(&mut tally.closed_after, nanos(opened.elapsed()));
-        }
+    if chosen(Hostile::ReplayChurn) {
+        eprintln!(
+            "writing {} changes under {REPLAY_PREFIX}",
+            args.replay_history
+        );
+        let keys = (0..args.replay_history).map(|i| format!("{REPLAY_PREFIX}{}", i % 1000));
+        set_all(client, keys, "r".repeat(16), 1000).await?;
     }
-    tally
+    Ok(())
 }
 
-/// Calls Get as fast as the server answers, until `stop`.
-pub async fn flood_worker(mut client: Client, stop: CancellationToken) -> Tally {
-    let mut tally = Tally::new();
-    while !stop.is_cancelled() {
-        let sent = Instant::now();
-        let result = client
-            .get(GetRequest {
-                key: format!("{KEY_PREFIX}flood"),
+/// Sets every key of `keys` to `value`, `per_call` keys per Batch call.
+async fn set_all(
+    client: &Client,
+    keys: impl Iterator<Item = String>,
+    value: String,
+    per_call: usize,
+) -> anyhow::Result<()> {
+    let mut client = client.clone();
+    let mut keys = keys.peekable();
+    while keys.peek().is_some() {
+        let ops = keys
+            .by_ref()
+            .take(per_call)
+            .map(|key| {
+                crate::workload::Call::Set(SetRequest {
+                    key,
+                    value: value.clone(),
+                    ..SetRequest::default()
+                })
+                .into()
             })
-            .await;
-        tally.record(None, sent, result.map(|_| 1));
+            .collect();
+        client
+            .batch(BatchRequest { ops })
+            .await
+            .context("setting up a hostile kind's data")?;
     }
-    tally
+    Ok(())
+}
+
+/// Whether the well-behaved client can still open a subscription: "ok", or the status.
+async fn probe_subscribe(client: &Client) -> String {
+    let mut client = client.clone();
+    let request = SubscribeRequest {
+        key_pattern: "hostile/probe/".into(),
+        ..SubscribeRequest::default()
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, client.subscribe(request)).await {
+        Ok(Ok(_)) => "ok".into(),
+        Ok(Err(status)) => format!("{:?}", status.code()),
+        Err(_) => "not open in time".into(),
+    }
+}
+
+/// The size of the server's log file, given one.
+fn log_bytes(args: &HostileArgs) -> anyhow::Result<Option<u64>> {
+    args.server_log
+        .as_ref()
+        .map(|path| {
+            std::fs::metadata(path)
+                .map(|m| m.len())
+                .with_context(|| format!("reading the size of {}", path.display()))
+        })
+        .transpose()
 }
 
 /// The results of a hostile run.
@@ -413,24 +449,16 @@ pub struct RoundReport {
     pub errors: BTreeMap<String, u64>,
     pub latency_us: Latency,
     pub behind_schedule: Option<u64>,
+    /// The server's CPU over the round, in cores (given --server-pid).
+    pub server_cores: Option<f64>,
+    /// The server's highest resident memory in the round (given --server-pid).
+    pub server_peak_rss_bytes: Option<u64>,
+    /// Bytes the server's log grew by in the round (given --server-log).
+    pub server_log_bytes: Option<u64>,
+    /// Whether the well-behaved client could open a Subscribe at the start of the round:
+    /// "ok", or the status it got.
+    pub probe_subscribe: String,
     pub outcome: Option<HostileOutcome>,
-}
-
-/// How the server treated the hostile clients of one round.
-#[derive(Debug, Serialize)]
-pub struct HostileOutcome {
-    /// How each never-reading subscription ended once read after the round: by status, or
-    /// "still open".
-    pub never_reading_ended: BTreeMap<String, u64>,
-    /// Silent connections the server closed.
-    pub silent_closed: u64,
-    /// After how long, in milliseconds.
-    pub silent_closed_after_ms: Option<Latency>,
-    pub silent_connect_errors: u64,
-    /// Flooder calls that succeeded, per second.
-    pub flood_ok_per_s: f64,
-    /// Flooder calls refused, by status.
-    pub flood_errors: BTreeMap<String, u64>,
 }
 
 /// One kind's rounds side by side: the well-behaved client's figures with the hostile clients
@@ -442,6 +470,14 @@ pub struct KindSummary {
     pub p99_ratios: Vec<f64>,
     /// Errors of the well-behaved client in the rounds with hostile clients.
     pub errors_with: BTreeMap<String, u64>,
+    /// The server's CPU in cores, in the rounds without and with.
+    pub server_cores_without: Vec<f64>,
+    pub server_cores_with: Vec<f64>,
+    /// The server's peak RSS in bytes, in the rounds without and with.
+    pub server_peak_rss_without: Vec<u64>,
+    pub server_peak_rss_with: Vec<u64>,
+    /// The attackers' own CPU in cores, per round with them.
+    pub attacker_cores: Vec<f64>,
 }
 
 impl KindSummary {
@@ -451,8 +487,31 @@ impl KindSummary {
             throughput_ratios: Vec::new(),
             p99_ratios: Vec::new(),
             errors_with: BTreeMap::new(),
+            server_cores_without: Vec::new(),
+            server_cores_with: Vec::new(),
+            server_peak_rss_without: Vec::new(),
+            server_peak_rss_with: Vec::new(),
+            attacker_cores: Vec::new(),
         };
         let of_kind: Vec<&RoundReport> = rounds.iter().filter(|r| r.kind == kind).collect();
+        for round in &of_kind {
+            let (cores, rss) = if round.hostile {
+                (
+                    &mut summary.server_cores_with,
+                    &mut summary.server_peak_rss_with,
+                )
+            } else {
+                (
+                    &mut summary.server_cores_without,
+                    &mut summary.server_peak_rss_without,
+                )
+            };
+            cores.extend(round.server_cores);
+            rss.extend(round.server_peak_rss_bytes);
+            if let Some(outcome) = &round.outcome {
+                summary.attacker_cores.push(outcome.attacker_cores);
+            }
+        }
         for with in of_kind.iter().filter(|r| r.hostile) {
             for (code, count) in &with.errors {
                 *summary.errors_with.entry(code.clone()).or_default() += count;
@@ -505,6 +564,18 @@ impl Summary for HostileReport {
                     counts_row(&round.errors)
                 ),
             ));
+            let mut server = Vec::new();
+            if let Some(cores) = round.server_cores {
+                server.push(format!("CPU {cores:.2} cores"));
+            }
+            if let Some(peak) = round.server_peak_rss_bytes {
+                server.push(format!("peak RSS {}", mib(peak)));
+            }
+            if let Some(log) = round.server_log_bytes {
+                server.push(format!("log +{log} bytes"));
+            }
+            server.push(format!("a new Subscribe: {}", round.probe_subscribe));
+            rows.push(("  server".into(), server.join(", ")));
             if let Some(outcome) = &round.outcome {
                 rows.push(("  hostile".into(), outcome.row()));
             }
@@ -519,43 +590,25 @@ impl Summary for HostileReport {
                     counts_row(&kind.errors_with)
                 ),
             ));
+            let rss = |bytes: &[u64]| {
+                let mib: Vec<f64> = bytes
+                    .iter()
+                    .map(|&b| b as f64 / f64::from(1 << 20))
+                    .collect();
+                range_of(&mib)
+            };
+            rows.push((
+                "  server".into(),
+                format!(
+                    "CPU {} cores without, {} with; peak RSS {} MiB without, {} MiB with; attacker CPU {} cores",
+                    range_of(&kind.server_cores_without),
+                    range_of(&kind.server_cores_with),
+                    rss(&kind.server_peak_rss_without),
+                    rss(&kind.server_peak_rss_with),
+                    range_of(&kind.attacker_cores),
+                ),
+            ));
         }
         rows
-    }
-}
-
-impl HostileOutcome {
-    pub fn row(&self) -> String {
-        let mut parts = Vec::new();
-        if !self.never_reading_ended.is_empty() {
-            parts.push(format!(
-                "never-reading ended: {}",
-                counts_row(&self.never_reading_ended)
-            ));
-        }
-        if let Some(after) = &self.silent_closed_after_ms {
-            parts.push(format!(
-                "silent closed: {} after {:.0}–{:.0} ms",
-                self.silent_closed, after.p50, after.max
-            ));
-        }
-        if self.silent_connect_errors > 0 {
-            parts.push(format!(
-                "silent connects failed: {}",
-                self.silent_connect_errors
-            ));
-        }
-        if self.flood_ok_per_s > 0.0 || !self.flood_errors.is_empty() {
-            parts.push(format!(
-                "flood: {:.0} ok/s, refused: {}",
-                self.flood_ok_per_s,
-                counts_row(&self.flood_errors)
-            ));
-        }
-        if parts.is_empty() {
-            "nothing happened to them".into()
-        } else {
-            parts.join("; ")
-        }
     }
 }

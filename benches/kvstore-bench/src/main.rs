@@ -68,12 +68,12 @@ pub enum Command {
     /// server's memory per subscriber and after they leave (--server-pid).
     Subscribers(SubscribersArgs),
     /// Unary load from a well-behaved client in rounds without and with hostile clients
-    /// (never-reading subscribers, silent connections, a flooder past its rate limit),
-    /// alternating: its throughput and latency with over without, side by side.
+    /// of one kind at a time (--hostile), alternating: its throughput and latency with over
+    /// without, side by side, with the server's CPU and memory and the attackers' CPU.
     Hostile(HostileArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Target {
     /// Server address: host:port or http://host:port.
     #[arg(long, value_parser = kvstore::endpoint::parse)]
@@ -93,7 +93,7 @@ pub struct Target {
     pub source: Option<IpAddr>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Load {
     /// Connections to open, one tonic Channel (one HTTP/2 connection) each.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
@@ -122,7 +122,7 @@ impl Load {
     }
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct KeyArgs {
     /// Keys in the key space: key:000000000000 to key:N-1.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -137,7 +137,7 @@ pub struct KeyArgs {
     pub value_size: usize,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Mix {
     /// Fraction of operations that are gets; the rest are sets.
     #[arg(long, default_value_t = 0.9, value_parser = parse_ratio)]

@@ -84,7 +84,17 @@ impl CpuWatch {
 }
 
 pub fn own_cpu() -> anyhow::Result<Duration> {
-    let usage = getrusage(UsageWho::RUSAGE_SELF).context("reading this process's CPU time")?;
+    rusage_cpu(UsageWho::RUSAGE_SELF).context("reading this process's CPU time")
+}
+
+/// The CPU time of the calling thread: what the hostile clients, on a thread of their own,
+/// cost this machine.
+pub fn thread_cpu() -> anyhow::Result<Duration> {
+    rusage_cpu(UsageWho::RUSAGE_THREAD).context("reading this thread's CPU time")
+}
+
+fn rusage_cpu(who: UsageWho) -> nix::Result<Duration> {
+    let usage = getrusage(who)?;
     let micros = |tv: TimeVal| u64::try_from(tv.num_microseconds()).unwrap_or_default();
     Ok(Duration::from_micros(
         micros(usage.user_time()) + micros(usage.system_time()),
