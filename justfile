@@ -18,26 +18,26 @@ default:
 
 # Build the server (release)
 build:
-    cargo build --release --locked --bin kvstore-server
+    cargo build --release --locked -p kvstore --bin kvstore-server
 
 # Build the client (release)
 build-client:
-    cargo build --release --locked --bin kvstore-client
+    cargo build --release --locked -p kvstore --bin kvstore-client
 
 # Build both, and copy them to ./bin/ (./bin/kvstore-server, ./bin/kvstore-client)
 build-all:
-    cargo build --release --locked --bins
+    cargo build --release --locked -p kvstore --bins
     mkdir -p bin
     cp target/release/kvstore-server target/release/kvstore-client bin/
 
-# Run every test
+# Run every test, the load tool's (benches/kvstore-bench) too
 test *args:
-    cargo test --locked {{ args }}
+    cargo test --locked --workspace {{ args }}
 
 # Check formatting and lints, as CI does
 lint:
-    cargo fmt --check
-    cargo clippy --locked --all-targets -- -D warnings
+    cargo fmt --all --check
+    cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # Check that proto/kvstore.proto compiles, and list its services and their methods
 proto:
@@ -54,7 +54,7 @@ proto:
 
 # Run one server with config/kvstore.toml (gRPC + HTTP on 50051, health on 8080)
 run *args:
-    cargo run --release --locked --bin kvstore-server -- --config config/kvstore.toml {{ args }}
+    cargo run --release --locked -p kvstore --bin kvstore-server -- --config config/kvstore.toml {{ args }}
 
 # Run two independent servers (50051/8080 and 50052/8081) as local processes; Ctrl-C stops both
 run-pair: build
@@ -79,6 +79,10 @@ run-pair: build
     wait -n "$first" "$second" || true
     stop
     wait
+
+# Build the load tool (release): target/release/kvstore-bench
+build-bench:
+    cargo build --release --locked -p kvstore-bench
 
 # Remove build outputs and ./bin/
 clean:

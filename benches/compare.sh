@@ -23,7 +23,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --bin kvstore-server --bin kvstore-bench
+cargo build --release --quiet -p kvstore -p kvstore-bench --bin kvstore-server --bin kvstore-bench
 server=target/release/kvstore-server
 bench=target/release/kvstore-bench
 

@@ -21,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --bin kvstore-server --bin kvstore-bench
+cargo build --release --quiet -p kvstore -p kvstore-bench --bin kvstore-server --bin kvstore-bench
 
 python3 - "$work" <<'EOF'
 import struct, sys

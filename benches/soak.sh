@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Soak: one kvstore-server on loopback under 10,000 held subscribers with writers, a
-# well-behaved unary client and hostile clients (never-reading subscribers, silent
-# connections, a flooder past its rate limit) for MINUTES minutes. Prints the server's RSS
+# well-behaved unary client and every kind of hostile client of `kvstore-bench hostile` in
+# turn (never-reading subscribers, silent connections, a flooder past its rate limit, and the
+# kinds of issues #20 and #21: body-less calls, zero windows, snapshot and replay churn,
+# control-frame floods, partial health messages, one source's connections, log floods,
+# subscription hogs, prefix lengths) for MINUTES minutes. Prints the server's RSS
 # and open subscriptions and connections every 10 s, the load tool's reports, the metrics
 # counters at the end, and the RSS once every client has left. Every process it starts is
 # stopped by its PID.
@@ -27,7 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --bin kvstore-server --bin kvstore-bench
+cargo build --release --quiet -p kvstore -p kvstore-bench --bin kvstore-server --bin kvstore-bench
 server=target/release/kvstore-server
 bench=target/release/kvstore-bench
 
@@ -76,11 +79,14 @@ for _ in $(seq 600); do
   sleep 0.1
 done
 
-# The well-behaved client in rounds without and with each kind of hostile client: eight
-# rounds of 15 s per pair, so as many pairs as fit in the soak.
-repeat=$(((seconds - 10) / 150))
+# The well-behaved client in rounds without and with each kind of hostile client: two
+# rounds of 15 s per kind and pair, so as many pairs as fit in the soak (at least one).
+kinds=never-reading,silent,flood,all,body-less,zero-window,snapshot-churn,control-flood
+kinds+=,partial-health,one-source,log-flood,subscription-hog,replay-churn,prefix-lengths
+repeat=$(((seconds - 10) / (14 * 30)))
 ((repeat >= 1)) || repeat=1
-"$bench" hostile --server "$main" --source 127.0.0.1 --hostile-source 127.0.0.2 \
+"$bench" hostile --server "$main" --server-pid "$server_pid" --server-log "$work/server.log" \
+  --source 127.0.0.1 --hostile-source 127.0.0.2 --hostile "$kinds" \
   --rate 3000 --connections 2 --concurrency 16 --duration 15s --repeat "$repeat" --preload \
   >"$work/hostile.txt" 2>/dev/null &
 hostile_pid=$!

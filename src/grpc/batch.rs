@@ -2,7 +2,9 @@
 //! message types: ops are read in place from the request's bytes, keys and values borrowed,
 //! and each get is written from the stored value straight into the response, so an op
 //! allocates nothing of its own. The bytes are still `BatchRequest` and `BatchResponse` of
-//! proto/kvstore.proto; the tests hold both directions to prost's encoding.
+//! proto/kvstore.proto; the tests hold both directions to prost's encoding. A client that
+//! costs per op too (the load tool) writes its ops with [`WireOp::put`] and counts the
+//! results with [`ResultCounts`], through [`CountingBatchCodec`].
 
 use prost::Message;
 use prost::bytes::{Buf, BufMut, Bytes};
@@ -116,6 +118,101 @@ impl<'a> From<&'a pb::BatchOp> for WireOp<'a> {
             },
             None => Self::Empty,
         }
+    }
+}
+
+impl WireOp<'_> {
+    /// Appends this op to an encoded `BatchRequest`: the plain encoding, as prost writes it
+    /// (each field in order, left out at its default), which [`EncodedBatch::ops`] reads in
+    /// place. A request is its ops one after another, so a client builds one without a
+    /// message or a string per op.
+    pub fn put(&self, request: &mut impl BufMut) {
+        // The op's message number in the `BatchOp.op` oneof, its key and value, then its
+        // `expected_mod_revision` (field 3 of a set, 2 of a delete) and `ttl_ms` (4).
+        let (number, key, value, expected, ttl_ms) = match *self {
+            Self::Get { key } => (1, key, "", None, 0),
+            Self::Set {
+                key,
+                value,
+                expected_mod_revision,
+                ttl_ms,
+            } => (2, key, value, expected_mod_revision.map(|e| (3, e)), ttl_ms),
+            Self::Delete {
+                key,
+                expected_mod_revision,
+            } => (3, key, "", expected_mod_revision.map(|e| (2, e)), 0),
+            Self::Empty => {
+                put_key(request, 1, LEN);
+                put_varint(request, 0);
+                return;
+            }
+        };
+        let int_len = |int: i64| 1 + varint_len(int as u64);
+        let message_len = text_len(key.as_bytes())
+            + text_len(value.as_bytes())
+            + expected.map_or(0, |(_, e)| int_len(e))
+            + if ttl_ms == 0 { 0 } else { int_len(ttl_ms) };
+        put_key(request, 1, LEN);
+        put_varint(
+            request,
+            (1 + varint_len(message_len as u64) + message_len) as u64,
+        );
+        put_key(request, number, LEN);
+        put_varint(request, message_len as u64);
+        put_text(request, 1, key);
+        put_text(request, 2, value);
+        if let Some((field, expected)) = expected {
+            // Optional: present even at 0.
+            put_key(request, field, VARINT);
+            put_varint(request, expected as u64);
+        }
+        put_int(request, 4, ttl_ms);
+    }
+}
+
+/// The results of a `BatchResponse` counted by kind, read from its framing without decoding
+/// a single result: what a client that only checks its answers needs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ResultCounts {
+    /// `GetResponse`s, found or not.
+    pub gets: u64,
+    /// `SetResponse`s.
+    pub sets: u64,
+    /// `DeleteResponse`s.
+    pub deletes: u64,
+    /// `Conflict`s.
+    pub conflicts: u64,
+    /// Results holding nothing, or a kind this version does not know.
+    pub unknown: u64,
+}
+
+impl ResultCounts {
+    /// Counts the results (field 1) of an encoded `BatchResponse` by the field of the
+    /// `BatchResult.result` oneof each holds; other fields are skipped. `None` if the
+    /// framing is malformed or cut short.
+    pub fn of(mut response: &[u8]) -> Option<Self> {
+        let mut counts = Self::default();
+        while !response.is_empty() {
+            let (number, wire_type) = key(&mut response)?;
+            if (number, wire_type) != (1, LEN) {
+                skip(&mut response, number, wire_type, 0)?;
+                continue;
+            }
+            let mut result = bytes(&mut response)?;
+            let kind = if result.is_empty() {
+                0
+            } else {
+                key(&mut result)?.0
+            };
+            *match kind {
+                1 => &mut counts.gets,
+                2 => &mut counts.sets,
+                3 => &mut counts.deletes,
+                4 => &mut counts.conflicts,
+                _ => &mut counts.unknown,
+            } += 1;
+        }
+        Some(counts)
     }
 }
 
@@ -388,6 +485,16 @@ fn text_len(text: &[u8]) -> usize {
     }
 }
 
+/// A string field numbered below 16, unless it is empty.
+#[inline]
+fn put_text(buf: &mut impl BufMut, number: u8, text: &str) {
+    if !text.is_empty() {
+        put_key(buf, number, LEN);
+        put_varint(buf, text.len() as u64);
+        buf.put_slice(text.as_bytes());
+    }
+}
+
 /// An int64 field numbered below 16, unless it is 0.
 #[inline]
 fn put_int(buf: &mut impl BufMut, number: u8, value: i64) {
@@ -453,6 +560,50 @@ impl Decoder for BatchCodec {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<EncodedBatch>, Status> {
         // The message is already whole and contiguous: this takes it without a copy.
         Ok(Some(EncodedBatch(buf.copy_to_bytes(buf.remaining()))))
+    }
+}
+
+/// The client side of the Batch method for a client that writes its requests op by op
+/// ([`WireOp::put`]) and only counts the results: sends the request's bytes as they are and
+/// decodes the answer into its [`ResultCounts`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountingBatchCodec;
+
+impl Codec for CountingBatchCodec {
+    type Encode = Bytes;
+    type Decode = ResultCounts;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self {
+        *self
+    }
+}
+
+impl Encoder for CountingBatchCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, request: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put(request);
+        Ok(())
+    }
+}
+
+impl Decoder for CountingBatchCodec {
+    type Item = ResultCounts;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<ResultCounts>, Status> {
+        // Whole and contiguous, as in `BatchCodec`: taken without a copy.
+        let response = buf.copy_to_bytes(buf.remaining());
+        ResultCounts::of(&response).map(Some).ok_or_else(|| {
+            Status::internal("decoding a Batch response: its framing is malformed or cut short")
+        })
     }
 }
 
@@ -590,6 +741,46 @@ mod tests {
             let mut bytes = Vec::new();
             BatchReply { results, revision }.encode(&mut bytes);
             prop_assert_eq!(bytes, expected.encode_to_vec());
+        }
+    }
+
+    proptest! {
+        /// An op put by hand is what prost writes for it, so a request built op by op is
+        /// read in place.
+        #[test]
+        fn ops_put_by_hand_are_what_prost_writes(request in request()) {
+            let mut bytes = Vec::new();
+            for op in prost_ops(&request) {
+                op.put(&mut bytes);
+            }
+            prop_assert_eq!(&bytes, &request.encode_to_vec());
+            prop_assert_eq!(read_plain(&bytes, usize::MAX), Some(prost_ops(&request)));
+        }
+
+        /// Results are counted by kind as prost decodes them, however their fields are set.
+        #[test]
+        fn results_are_counted_by_kind(results in vec(result(), 0..20), empty in 0..3usize) {
+            let mut response = pb::BatchResponse {
+                results: results
+                    .iter()
+                    .map(|result| pb::BatchResult {
+                        result: Some(result_message(result)),
+                    })
+                    .collect(),
+                revision: 42,
+            };
+            response.results.extend(vec![pb::BatchResult { result: None }; empty]);
+            let count = |kind: fn(&OpResult) -> bool| results.iter().filter(|r| kind(r)).count() as u64;
+            let expected = ResultCounts {
+                gets: count(|r| matches!(r, OpResult::Get(..))),
+                sets: count(|r| matches!(r, OpResult::Set(..))),
+                deletes: count(|r| matches!(r, OpResult::Delete(..))),
+                conflicts: count(|r| matches!(r, OpResult::Conflict(..))),
+                unknown: empty as u64,
+            };
+            let bytes = response.encode_to_vec();
+            prop_assert_eq!(ResultCounts::of(&bytes), Some(expected));
+            prop_assert_eq!(ResultCounts::of(&bytes[..bytes.len() - 1]), None, "cut short");
         }
     }
 

@@ -413,39 +413,3 @@ async fn a_batch_applies_its_ops_in_order_and_publishes_each_change() {
     assert!(!client.get(get("c")).await.unwrap().into_inner().found);
     server.shutdown().await;
 }
-
-/// The load tool's batch mode checks each response by counting its results by kind instead
-/// of decoding them (`src/bin/kvstore-bench.rs`, `BatchSummary`): against the real server,
-/// every call of a run must come back whole and counted as it was sent.
-#[tokio::test]
-async fn the_load_tools_batches_come_back_counted_as_sent() {
-    let server = spawn_server().await;
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvstore-bench"))
-        .args(["batch", "--server", &server.grpc_addr.to_string()])
-        .args(["--requests", "40", "--batch-size", "100", "--keys", "1000"])
-        .args([
-            "--connections",
-            "2",
-            "--concurrency",
-            "2",
-            "--preload",
-            "--json",
-        ])
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["calls"], 40, "{report}");
-    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
-    // --preload set every key of the space before the run.
-    let reply = server
-        .client()
-        .await
-        .get(get("key:000000000999"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(reply.found);
-}

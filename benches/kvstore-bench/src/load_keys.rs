@@ -1,0 +1,153 @@
+//! `load-keys`, and the `--preload` of the other subcommands: every key of a key space set
+//! through Batch calls.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use kvstore::pb::{BatchRequest, SetRequest};
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::connect::{Client, connect, join_all, progress_bar};
+use crate::process::{CpuReport, CpuWatch};
+use crate::report::Summary;
+use crate::workload::{Call, KeySpace};
+use crate::{KeyArgs, Target};
+
+#[derive(Debug, Args)]
+pub struct LoadKeysArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+
+    /// Keys per Batch call.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+
+    /// Connections to open.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: u32,
+
+    /// Batch calls in flight per connection.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+}
+
+pub async fn load_keys(args: LoadKeysArgs) -> anyhow::Result<LoadReport> {
+    let keys = KeySpace::new(&args.keys)?;
+    let value: Arc<str> = "x".repeat(args.keys.value_size).into();
+    let clients = connect(&args.target, args.connections).await?;
+    let cpu = CpuWatch::start(args.target.server_pid)?;
+    let started = Instant::now();
+    preload(&clients, keys, &value, args.batch_size, args.concurrency).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(LoadReport {
+        mode: "load-keys",
+        server: args.target.server.uri().to_string(),
+        keys: keys.count,
+        key_size: args.keys.key_size,
+        value_size: args.keys.value_size,
+        batch_size: args.batch_size,
+        seconds,
+        keys_per_s: keys.count as f64 / seconds,
+        cpu: cpu.stop(keys.count)?,
+    })
+}
+
+/// Sets every key of `keys` to `value`, `batch_size` keys per Batch call, with
+/// `per_connection` calls in flight on each client.
+pub async fn preload(
+    clients: &[Client],
+    keys: KeySpace,
+    value: &Arc<str>,
+    batch_size: u64,
+    per_connection: u32,
+) -> anyhow::Result<()> {
+    let count = keys.count;
+    let chunks = count.div_ceil(batch_size);
+    let next_chunk = Arc::new(AtomicU64::new(0));
+    let bar = progress_bar(Some(count), "keys loaded");
+    let mut workers = JoinSet::new();
+    for client in clients {
+        for _ in 0..per_connection {
+            let (mut client, value, next_chunk, bar) = (
+                client.clone(),
+                value.clone(),
+                next_chunk.clone(),
+                bar.clone(),
+            );
+            workers.spawn(async move {
+                loop {
+                    let chunk = next_chunk.fetch_add(1, Ordering::Relaxed);
+                    if chunk >= chunks {
+                        return anyhow::Ok(());
+                    }
+                    let range = chunk * batch_size..((chunk + 1) * batch_size).min(count);
+                    let ops = range
+                        .clone()
+                        .map(|index| {
+                            Call::Set(SetRequest {
+                                key: keys.key(index),
+                                value: value.to_string(),
+                                ..SetRequest::default()
+                            })
+                            .into()
+                        })
+                        .collect();
+                    client
+                        .batch(BatchRequest { ops })
+                        .await
+                        .with_context(|| format!("setting keys {range:?}"))?;
+                    bar.inc(range.end - range.start);
+                }
+            });
+        }
+    }
+    for result in join_all(workers).await? {
+        result?;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// The results of a load-keys run.
+#[derive(Debug, Serialize)]
+pub struct LoadReport {
+    pub mode: &'static str,
+    pub server: String,
+    pub keys: u64,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub batch_size: u64,
+    pub seconds: f64,
+    pub keys_per_s: f64,
+    pub cpu: CpuReport,
+}
+
+impl Summary for LoadReport {
+    fn rows(&self) -> Vec<(String, String)> {
+        let mut rows = vec![
+            (
+                "mode".into(),
+                format!("{} against {}", self.mode, self.server),
+            ),
+            (
+                "keys".into(),
+                format!(
+                    "{} of {} bytes, {}-byte values, {} per batch",
+                    self.keys, self.key_size, self.value_size, self.batch_size
+                ),
+            ),
+            (
+                "duration".into(),
+                format!("{:.2} s, {:.0} keys/s", self.seconds, self.keys_per_s),
+            ),
+        ];
+        rows.extend(self.cpu.rows("key"));
+        rows
+    }
+}
