@@ -6,6 +6,7 @@ use std::time::Duration;
 use kvstore::config::Settings;
 use kvstore::pb::GetRequest;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
+use kvstore::startup::Startup;
 use tokio::sync::oneshot;
 
 /// How long the tool and the server's drain may take before the test fails instead of hanging.
@@ -20,7 +21,8 @@ async fn the_load_tools_batches_come_back_counted_as_sent() {
     settings.server.listen = "127.0.0.1:0".parse().unwrap();
     settings.server.health_listen = None;
     settings.shutdown.drain_timeout = Duration::from_secs(5);
-    let server = kvstore::server::bind(settings).await.unwrap();
+    let startup = Startup::from_settings(settings).unwrap();
+    let server = kvstore::server::bind(startup).await.unwrap();
     let addr = server.listen_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let running = tokio::spawn(server.run(async {
