@@ -27,11 +27,14 @@
 //! - [`tls`]: the main listener's TLS configuration, from the `[tls]` files.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`] and [`telemetry`]: layered settings and logging, set up once by the binary.
-//! - [`endpoint`]: the server address the command-line tools accept.
+//! - [`client`]: the Rust client library: connect with failover, retry what is safe, typed
+//!   calls, and a subscription that resumes by itself.
+//! - [`endpoint`]: the server address the command-line tools and the client accept.
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
 pub mod auth;
 pub mod browser;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod endpoint;
