@@ -28,12 +28,15 @@
 //! - [`config`]: layered settings, range-checked: data only; [`startup`]: what the server
 //!   runs with, built from them once (TLS, tokens, allowed hosts, log filter).
 //! - [`telemetry`]: logging, set up once by the binary.
-//! - [`endpoint`]: the server address the command-line tools accept.
+//! - [`client`]: the Rust client library: connect with failover, retry what is safe, typed
+//!   calls, and a subscription that resumes by itself.
+//! - [`endpoint`]: the server address the command-line tools and the client accept.
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
 pub mod auth;
 pub mod browser;
 pub mod caller;
+pub mod client;
 pub mod config;
 pub mod endpoint;
 pub mod exporter;

@@ -7,7 +7,6 @@ use std::{
     net::{SocketAddr, TcpListener},
     ops::RangeInclusive,
     process::{ExitStatus, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -21,15 +20,13 @@ use nix::{
 };
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader, Lines, copy_bidirectional},
-    net::TcpStream,
+    io::{AsyncBufReadExt, AsyncRead, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout, Command},
-    task::JoinHandle,
     time::timeout,
 };
 use tonic::transport::Channel;
 
-use crate::helpers::{PATIENCE, TestServer, spawn_server, spawn_with, test_settings};
+use crate::helpers::{PATIENCE, Proxy, TestServer, spawn_server, spawn_with, test_settings};
 
 pub(crate) fn kvstore_client<I, S>(args: I) -> Command
 where
@@ -1103,59 +1100,4 @@ async fn subscribe_from_a_compacted_revision_exits_3_and_suggests_initial() {
     );
     assert!(out.stderr.contains("--initial"), "{:?}", out.stderr);
     server.shutdown().await;
-}
-
-/// A TCP proxy to a server whose open connections a test can cut, as a network failure would,
-/// while new connections still get through.
-struct Proxy {
-    addr: SocketAddr,
-    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding a free port");
-        let addr = listener.local_addr().expect("the port's address");
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn({
-            let connections = Arc::clone(&connections);
-            async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let copy = tokio::spawn(async move {
-                        let mut outbound = TcpStream::connect(target)
-                            .await
-                            .expect("connecting to the server");
-                        let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
-                    });
-                    connections.lock().unwrap().push(copy);
-                }
-            }
-        });
-        Proxy {
-            addr,
-            connections,
-            accept,
-        }
-    }
-
-    /// Closes every open connection, and returns once they are closed.
-    async fn cut(&self) {
-        let connections: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
-        for connection in connections {
-            connection.abort();
-            let _ = connection.await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
 }

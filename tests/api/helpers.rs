@@ -1,7 +1,8 @@
 //! Starting and stopping a real server for a test, and the clients that talk to it.
 
 use std::net::SocketAddr;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty, Full};
@@ -12,6 +13,8 @@ use kvstore::config::Settings;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::startup::Startup;
 use kvstore::store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::Streaming;
@@ -238,4 +241,114 @@ pub fn require_tool(tool: &str) -> Option<std::path::PathBuf> {
         eprintln!("SKIPPED: {tool} is not installed; install it to run this test");
     }
     found
+}
+
+/// A TCP proxy to a server whose open connections a test can cut, as a network failure would,
+/// while new connections still get through. It can also swallow the server's replies, so a
+/// request reaches the server but its answer never comes back.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    swallow: Arc<AtomicBool>,
+    /// Bytes the client sent while replies were swallowed.
+    sent: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a free port");
+        let addr = listener.local_addr().expect("the port's address");
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let swallow = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let accept = tokio::spawn({
+            let connections = Arc::clone(&connections);
+            let swallow = Arc::clone(&swallow);
+            let sent = Arc::clone(&sent);
+            async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    let (swallow, sent) = (Arc::clone(&swallow), Arc::clone(&sent));
+                    let copy = tokio::spawn(async move {
+                        let outbound = TcpStream::connect(target)
+                            .await
+                            .expect("connecting to the server");
+                        let (from_client, to_client) = inbound.into_split();
+                        let (from_server, to_server) = outbound.into_split();
+                        tokio::select! {
+                            _ = forward(from_client, to_server, None, (&swallow, &sent)) => {}
+                            _ = forward(from_server, to_client, Some(&swallow), (&swallow, &sent)) => {}
+                        }
+                    });
+                    connections.lock().unwrap().push(copy);
+                }
+            }
+        });
+        Proxy {
+            addr,
+            connections,
+            swallow,
+            sent,
+            accept,
+        }
+    }
+
+    /// From now on, what the server sends is dropped instead of forwarded.
+    pub fn swallow_replies(&self) {
+        self.sent.store(0, Ordering::SeqCst);
+        self.swallow.store(true, Ordering::SeqCst);
+    }
+
+    /// How many bytes the client sent since [`Proxy::swallow_replies`].
+    pub fn sent_while_swallowing(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Closes every open connection, and returns once they are closed. Replies are
+    /// forwarded again on new connections.
+    pub async fn cut(&self) {
+        let connections: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
+        for connection in connections {
+            connection.abort();
+            let _ = connection.await;
+        }
+        self.swallow.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies one direction until either side closes. Bytes are dropped while `drop_while` is
+/// set; bytes sent from the client while replies are swallowed are counted.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    drop_while: Option<&AtomicBool>,
+    (swallowing, sent): (&AtomicBool, &AtomicUsize),
+) {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if drop_while.is_some_and(|flag| flag.load(Ordering::SeqCst)) {
+            continue;
+        }
+        if drop_while.is_none() && swallowing.load(Ordering::SeqCst) {
+            sent.fetch_add(n, Ordering::SeqCst);
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
 }

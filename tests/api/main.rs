@@ -7,6 +7,7 @@ mod binaries;
 mod bounded;
 mod browser;
 mod client;
+mod client_library;
 mod conformance;
 mod connections;
 mod faults;

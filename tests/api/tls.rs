@@ -38,7 +38,7 @@ struct Pair {
 /// A throw-away PKI in its own directory: a CA, a server certificate for 127.0.0.1 and
 /// localhost, a client certificate from the same CA, and one from a CA the server does not
 /// trust. The directory is removed on drop.
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     ca: String,
     ca_der: CertificateDer<'static>,
@@ -68,7 +68,7 @@ fn leaf(issuer: &Issuer<'_, KeyPair>, names: &[&str], usage: ExtendedKeyUsagePur
 }
 
 impl Pki {
-    fn new(test: &str) -> Pki {
+    pub(crate) fn new(test: &str) -> Pki {
         let dir = std::env::temp_dir().join(format!("kvstore-tls-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
 
@@ -103,13 +103,13 @@ impl Pki {
         pki
     }
 
-    fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.dir.join(name).to_str().unwrap().to_owned()
     }
 
     /// Test settings with TLS on the main listener, and client certificates required if
     /// `mutual`.
-    fn settings(&self, mutual: bool) -> Settings {
+    pub(crate) fn settings(&self, mutual: bool) -> Settings {
         let mut settings = test_settings();
         settings.tls.cert = self.dir.join("server.pem");
         settings.tls.key = self.dir.join("server.key");
