@@ -3,7 +3,6 @@
 //! refusals in gRPC and HTTP form. Also the tools' side: adding the token to each call.
 //! Rate limits are `rate_limit`'s; the per-op check of a Batch is `grpc`'s, with [`Caller`].
 
-use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,8 +15,6 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::Status;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tracing::{debug, info, warn};
 
 use crate::caller::Caller;
@@ -25,6 +22,7 @@ use crate::config::{AuthSettings, Role};
 use crate::http::{grpc_error, grpc_method, is_grpc, is_health_check};
 use crate::pb;
 use crate::rate_limit::RateLimit;
+use crate::token::check_token_text;
 
 const KV_SERVICE: &str = pb::key_value_store_server::SERVICE_NAME;
 const REFLECTION_SERVICES: [&str; 2] = [
@@ -200,16 +198,6 @@ fn hex(bytes: &[u8]) -> String {
 pub fn hash_token(token: &str) -> Result<String, String> {
     check_token_text(token)?;
     Ok(hex(&Sha256::digest(token.as_bytes())))
-}
-
-fn check_token_text(token: &str) -> Result<(), String> {
-    if token.is_empty() {
-        return Err("the token is empty".into());
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("a token must be printable ASCII without spaces".into());
-    }
-    Ok(())
 }
 
 /// The authentication layer's state: the keyring, and which optional services it guards.
@@ -398,44 +386,6 @@ fn forbidden(status: Status, grpc: bool) -> Response {
     (StatusCode::FORBIDDEN, body).into_response()
 }
 
-/// A client-side interceptor adding `authorization: Bearer <token>` to every call, or
-/// nothing without a token. Its `Debug` never shows the token.
-#[derive(Clone, Default)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl BearerToken {
-    /// A token as given on a command line; the error is a message for a person, for clap's
-    /// `value_parser`.
-    pub fn parse(token: &str) -> Result<Self, String> {
-        check_token_text(token)?;
-        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "a token must be printable ASCII without spaces".to_owned())?;
-        value.set_sensitive(true);
-        Ok(Self(Some(value)))
-    }
-}
-
-impl fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(_) => f.write_str("BearerToken(<redacted>)"),
-            None => f.write_str("BearerToken(none)"),
-        }
-    }
-}
-
-impl Interceptor for BearerToken {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,12 +504,5 @@ mod tests {
         for bad in ["Basic abc", "Bearer", "Bearer ", "abc"] {
             assert_eq!(bearer(Some(&value(bad))), Err(Refusal::Malformed), "{bad}");
         }
-    }
-
-    #[test]
-    fn the_interceptor_never_shows_its_token() {
-        let token = BearerToken::parse("s3cret").unwrap();
-        assert!(!format!("{token:?}").contains("s3cret"));
-        assert!(BearerToken::parse("with space").is_err());
     }
 }

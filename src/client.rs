@@ -1,8 +1,8 @@
 //! The Rust client of the kvstore gRPC API: connecting (endpoints tried in order, TLS, a
 //! bearer token, timeouts), retrying what is safe to repeat, and typed calls (get, set,
 //! delete, list as a stream of pages, batch, subscribe as a stream that resumes by itself).
-//! Of the rest of the crate it uses only the wire contract (`pb`, the trailer names in `grpc`),
-//! `auth::BearerToken` and `endpoint`; never the server, the store or pubsub.
+//! Of the rest of the crate it uses only the wire contract (`pb`, its `pb::trailers`),
+//! `token::BearerToken` and `endpoint`; never the server, the store or pubsub.
 //!
 //! ```
 //! # #[tokio::main]
@@ -81,8 +81,8 @@ pub use self::types::{
     BatchOp, BatchResponse, BatchResult, Change, ChangeKind, DeleteOptions, DeleteResponse, Event,
     GetResponse, KeyValue, ListOptions, Page, SetOptions, SetResponse,
 };
-use crate::auth::BearerToken;
 use crate::pb::{self, key_value_store_client::KeyValueStoreClient};
+use crate::token::BearerToken;
 
 /// The generated client, with the token on every call.
 type Grpc = KeyValueStoreClient<InterceptedService<Channel, BearerToken>>;

@@ -44,12 +44,9 @@ const MAX_TTL_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
 /// The shortest progress interval: more often would be a stream of heartbeats.
 const MIN_PROGRESS_MS: i64 = 100;
 
-/// Trailer of a FAILED_PRECONDITION: the key's current `mod_revision` (0: absent).
-pub const MOD_REVISION_TRAILER: &str = "kvstore-mod-revision";
-/// Trailer of a Subscribe that ends: the last revision the client received.
-pub const LAST_REVISION_TRAILER: &str = "kvstore-last-revision";
-/// Trailer of an OUT_OF_RANGE Subscribe: the oldest revision that can still be replayed.
-pub const OLDEST_REVISION_TRAILER: &str = "kvstore-oldest-revision";
+pub use crate::pb::trailers::{
+    LAST_REVISION_TRAILER, MOD_REVISION_TRAILER, OLDEST_REVISION_TRAILER,
+};
 
 /// The gRPC face of the [`Store`].
 #[derive(Clone)]

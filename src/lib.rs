@@ -24,6 +24,7 @@
 //!   the accept loop and its connection limits.
 //! - [`open_files`]: the open-file limit, raised at start-up; it caps connections when low.
 //! - [`tls`]: the main listener's TLS configuration, from the `[tls]` files.
+//! - [`token`]: what a bearer token may look like, and the interceptor clients send it with.
 //! - [`shutdown`]: the process signals that begin a graceful shutdown.
 //! - [`config`]: layered settings, range-checked: data only; [`startup`]: what the server
 //!   runs with, built from them once (TLS, tokens, allowed hosts, log filter).
@@ -60,6 +61,7 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod token;
 
 /// The generated protobuf types, client and server of `proto/kvstore.proto`, and [`pb::codec`],
 /// the protobuf codec of the client and of the service's methods, with a small encode buffer.
@@ -76,4 +78,7 @@ pub mod pb {
     /// The codec the generated client and server use, beside them.
     #[warn(missing_docs, clippy::all)]
     pub mod codec;
+    /// The trailer names of the wire contract.
+    #[warn(missing_docs, clippy::all)]
+    pub mod trailers;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use crate::grpc::{LAST_REVISION_TRAILER, MOD_REVISION_TRAILER, OLDEST_REVISION_TRAILER};
+use crate::pb::trailers::{LAST_REVISION_TRAILER, MOD_REVISION_TRAILER, OLDEST_REVISION_TRAILER};
 
 /// Why a call of [`Client`](super::Client) failed. [`Error::code`] gives the gRPC code of
 /// every variant, so a caller can match on codes like with any gRPC client; the variants name

@@ -6,10 +6,11 @@ use std::process::Stdio;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use kvstore::auth::{BearerToken, hash_token};
+use kvstore::auth::hash_token;
 use kvstore::config::{Role, Settings, TokenSpec};
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::{self, batch_op};
+use kvstore::token::BearerToken;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use kvstore::auth::BearerToken;
 use kvstore::client::{
     BatchOp, BatchResult, ChangeKind, Client, DeleteOptions, Error, Event, ListOptions, Page,
     RetryPolicy, SetOptions, SubscribeOptions, Subscription, Tls,
 };
 use kvstore::store::SetOptions as StoreSetOptions;
+use kvstore::token::BearerToken;
 use tokio::time::timeout;
 use tonic::Code;
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use kvstore::auth::BearerToken;
 use kvstore::config::{RateLimitSettings, Settings};
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::{GetRequest, SubscribeRequest};
+use kvstore::token::BearerToken;
 use tokio::time::{Instant, timeout};
 use tonic::Code;
 use tonic::transport::Endpoint;

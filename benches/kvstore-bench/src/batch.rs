@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::ProgressBar;
-use kvstore::auth::BearerToken;
 use kvstore::grpc::batch::{CountingBatchCodec, ResultCounts, WireOp};
+use kvstore::token::BearerToken;
 use prost::bytes::{Bytes, BytesMut};
 use rand::rngs::SmallRng;
 use tokio::task::JoinSet;

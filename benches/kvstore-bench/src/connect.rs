@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use kvstore::auth::BearerToken;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::{ChangeEvent, SubscribeRequest};
+use kvstore::token::BearerToken;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;

@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kvstore::auth::BearerToken;
+use kvstore::token::BearerToken;
 use serde::Serialize;
 use tonic::transport::Endpoint;
 

@@ -11,8 +11,8 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
-use kvstore::auth::BearerToken;
 use kvstore::client::{self, Client, ClientBuilder, RetryPolicy, Tls};
+use kvstore::token::BearerToken;
 
 use crate::output::{Output, report};
 

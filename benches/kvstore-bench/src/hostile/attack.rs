@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use hdrhistogram::Histogram;
-use kvstore::auth::BearerToken;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::{ChangeEvent, GetRequest, SubscribeRequest};
+use kvstore::token::BearerToken;
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
