@@ -28,7 +28,7 @@ use crate::pb::{
     ListResponse, SetRequest, SetResponse, SubscribeRequest,
 };
 use crate::pubsub::{Change, ChangeKind, Event};
-use crate::rate_limit::client_key_of;
+use crate::rate_limit::{ScanCharge, ScanPayer, client_key_of};
 use crate::share::{Share, Shares};
 use crate::store::{self, Ended, Op, SetOptions, Start, Store, SubscribeError, Subscription};
 use batch::{BatchReply, EncodedBatch, Unread, WireOp};
@@ -415,6 +415,8 @@ impl KeyValueStore for KvService {
     /// response headers. A client (its token, else its address) with
     /// `subscriptions.max_per_client` streams open is refused with `RESOURCE_EXHAUSTED`; its
     /// PROGRESS events, all streams together, come at most `PROGRESS_PER_CLIENT` a second.
+    /// With the rate limit on, a snapshot or replay costs the caller one request per
+    /// `ENTRIES_PER_REQUEST` entries it visits, and waits while the caller is over its rate.
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
@@ -426,6 +428,11 @@ impl KeyValueStore for KvService {
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|ConnectInfo(peer)| *peer),
         );
+        let payer = request
+            .extensions()
+            .get::<ScanCharge>()
+            .cloned()
+            .map(ScanCharge::payer);
         let SubscribeRequest {
             key_pattern,
             start_revision,
@@ -482,6 +489,7 @@ impl KeyValueStore for KvService {
             delivered: self.metrics.events_delivered(),
             ended: false,
             share,
+            payer,
         }))
     }
 }
@@ -502,6 +510,8 @@ pub struct ChangeStream {
     ended: bool,
     /// This stream's place in its client's share, given back when the stream is dropped.
     share: Share,
+    /// Pays the caller's rate limit for the snapshot or replay; `None` with the limit off.
+    payer: Option<ScanPayer>,
 }
 
 impl ChangeStream {
@@ -544,6 +554,18 @@ impl Stream for ChangeStream {
         // Read before polling: if the queue then turns out empty, every matching change up
         // to this revision has been sent, which is what a PROGRESS event promises.
         let published = this.subscription.published_revision();
+        // What the snapshot or replay has read so far is paid for before it reads more.
+        if this.subscription.reads_a_page_next()
+            && let Some(payer) = &mut this.payer
+            && payer.poll_pay(this.subscription.visited(), cx).is_pending()
+        {
+            if shutting_down {
+                return this.end(Status::unavailable(
+                    "server is shutting down; reconnect to another instance",
+                ));
+            }
+            return Poll::Pending;
+        }
         match Pin::new(&mut this.subscription).poll_next(cx) {
             Poll::Ready(Some(Ok(event))) => {
                 let event = match event {
