@@ -414,7 +414,8 @@ impl KeyValueStore for KvService {
     /// registered before this returns, so the client sees every write made after it has the
     /// response headers. A client (its token, else its address) with
     /// `subscriptions.max_per_client` streams open is refused with `RESOURCE_EXHAUSTED`; its
-    /// PROGRESS events, all streams together, come at most `PROGRESS_PER_CLIENT` a second.
+    /// PROGRESS events, all streams together, come at most `PROGRESS_PER_CLIENT` a second,
+    /// and those of every client together at most `PROGRESS_PER_SERVER`.
     /// With the rate limit on, a snapshot or replay costs the caller one request per
     /// `ENTRIES_PER_REQUEST` entries it visits, and waits while the caller is over its rate.
     async fn subscribe(

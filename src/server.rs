@@ -4,6 +4,7 @@
 //! accept loop and every connection-level limit and timeout.
 
 mod control;
+mod new_connections;
 mod partial;
 
 use std::collections::HashMap;
@@ -459,6 +460,7 @@ struct Listener {
     max_connections: usize,
     /// This listener's connections by address, and the proxies exempt from their cap.
     per_address: PerAddress,
+    new_connections: new_connections::NewConnections,
     /// The cap the open-file limit puts on every listener's connections together, if it is
     /// below what `server.max_connections` asks.
     files: Option<Arc<FileCap>>,
@@ -511,6 +513,7 @@ impl Listener {
                 trusted: settings.trusted_proxies.clone(),
                 open: Arc::default(),
             },
+            new_connections: new_connections::NewConnections::new(name, settings, metrics),
             files: files.clone(),
             handshake_timeout: settings.handshake_timeout,
             idle_timeout,
@@ -557,6 +560,8 @@ async fn serve(
             () = stop.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
+                // Past its address's rate: closed before anything, TLS handshake included.
+                Ok((stream, peer)) if !shared.new_connections.admit(peer.ip()) => drop(stream),
                 Ok((stream, peer)) => {
                     // Finished connections may not have been reaped yet; they must not count.
                     while connections.try_join_next().is_some() {}
