@@ -53,6 +53,11 @@ const RSS_RETURN_SLACK_BYTES: u64 = 8 << 20;
 /// to the OS over about a second (`dirty_decay_ms`, see `src/bin/kvstore-server/alloc.rs`).
 const RSS_RETURN_WITHIN: Duration = Duration::from_secs(5);
 
+/// `server.handshake_timeout` for the tests that open every channel before their first
+/// request: the last channel's first Subscribe waits for thousands before it, which on a
+/// loaded machine takes longer than the default 10 s, and the server would close it unused.
+const IDLE_CHANNELS_WAIT: &str = "60s";
+
 /// The `kvstore-server` binary, running with its listeners on loopback ports of its choice.
 struct ServerProcess {
     child: Child,
@@ -211,6 +216,7 @@ async fn ten_thousand_subscribers_get_every_event_and_leave_nothing_behind() {
         // Every subscriber is on 127.0.0.1: one client, given the whole server.
         ("KVSTORE_SUBSCRIPTIONS__MAX_PER_CLIENT", "10000"),
         ("KVSTORE_SERVER__MAX_STREAMS_PER_CONNECTION", "200"),
+        ("KVSTORE_SERVER__HANDSHAKE_TIMEOUT", IDLE_CHANNELS_WAIT),
     ])
     .await;
     // Warm up what every run has anyway (a connection, a call, a scrape), so the baseline is
@@ -258,7 +264,11 @@ const RETURN_MIN_GROWTH: u64 = 12 << 20;
 /// upgrade that breaks this, or options that no longer reach jemalloc, fail here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_freed_on_sleeping_workers_returns_to_the_os() {
-    let server = ServerProcess::start(&[("KVSTORE_SUBSCRIPTIONS__MAX_PER_CLIENT", "10000")]).await;
+    let server = ServerProcess::start(&[
+        ("KVSTORE_SUBSCRIPTIONS__MAX_PER_CLIENT", "10000"),
+        ("KVSTORE_SERVER__HANDSHAKE_TIMEOUT", IDLE_CHANNELS_WAIT),
+    ])
+    .await;
     KeyValueStoreClient::new(server.channel().await)
         .get(GetRequest { key: "warm".into() })
         .await
