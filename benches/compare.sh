@@ -138,8 +138,8 @@ echo
 echo "Memory: 1,000,000 keys of 16 bytes with 64-byte values (RSS settled after loading, default settings):"
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 # RSS once it has settled: both servers return freed memory to the system a little after a
-# load (kvstore's memory rounds run once a second), so read every half second until the RSS
-# has held within 1% for 2 s, longer than a round, for at most 15 s.
+# load (kvstore's allocator purges over about a second), so read every half second until the
+# RSS has held within 1% for 2 s, longer than that, for at most 15 s.
 settled_rss_kib() {
   local held now steady=0
   held=$(rss_kib "$1")

@@ -97,9 +97,16 @@ pub struct ServerSettings {
     /// and closed like those past `max_connections`; 0 means a tenth of `max_connections`.
     /// See [`ServerSettings::connections_per_address`].
     pub max_connections_per_address: usize,
-    /// Peers exempt from `max_connections_per_address`: proxies whose connections carry many
-    /// clients.
+    /// Peers exempt from `max_connections_per_address` and `new_connections_per_address`:
+    /// proxies whose connections carry many clients.
     pub trusted_proxies: Vec<Cidr>,
+    /// New connections per second each listener accepts from one address (IPv6: one /64), on
+    /// average; past it a connection is closed as soon as it is accepted, before any TLS
+    /// handshake. 0 turns the limit off.
+    pub new_connections_per_address: u32,
+    /// New connections one address may open at once after a pause: the bucket's size for
+    /// `new_connections_per_address`; 0 means one second's worth.
+    pub new_connections_burst: u32,
     /// HTTP/2 streams open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
     /// HTTP/2 frames that do no work (WINDOW_UPDATE, SETTINGS parameters, PING, empty DATA,
@@ -335,6 +342,8 @@ impl Default for Settings {
                 max_connections: 10_000,
                 max_connections_per_address: 0,
                 trusted_proxies: Vec::new(),
+                new_connections_per_address: 50,
+                new_connections_burst: 500,
                 max_streams_per_connection: 200,
                 max_control_frames: 1000,
                 max_header_bytes: 16 * 1024,

@@ -28,6 +28,7 @@ use crate::pb::{
     ListResponse, SetRequest, SetResponse, SubscribeRequest,
 };
 use crate::pubsub::{Change, ChangeKind, Event};
+use crate::rate_limit::{ScanCharge, ScanPayer};
 use crate::share::{Share, Shares};
 use crate::store::{self, Ended, Op, SetOptions, Start, Store, SubscribeError, Subscription};
 use batch::{BatchReply, EncodedBatch, Unread, WireOp};
@@ -410,7 +411,10 @@ impl KeyValueStore for KvService {
     /// registered before this returns, so the client sees every write made after it has the
     /// response headers. A client (its token, else its address) with
     /// `subscriptions.max_per_client` streams open is refused with `RESOURCE_EXHAUSTED`; its
-    /// PROGRESS events, all streams together, come at most `PROGRESS_PER_CLIENT` a second.
+    /// PROGRESS events, all streams together, come at most `PROGRESS_PER_CLIENT` a second,
+    /// and those of every client together at most `PROGRESS_PER_SERVER`.
+    /// With the rate limit on, a snapshot or replay costs the caller one request per
+    /// `ENTRIES_PER_REQUEST` entries it visits, and waits while the caller is over its rate.
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
@@ -422,6 +426,11 @@ impl KeyValueStore for KvService {
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|ConnectInfo(peer)| *peer),
         );
+        let payer = request
+            .extensions()
+            .get::<ScanCharge>()
+            .cloned()
+            .map(ScanCharge::payer);
         let SubscribeRequest {
             key_pattern,
             start_revision,
@@ -478,6 +487,7 @@ impl KeyValueStore for KvService {
             delivered: self.metrics.events_delivered(),
             ended: false,
             share,
+            payer,
         }))
     }
 }
@@ -498,6 +508,8 @@ pub struct ChangeStream {
     ended: bool,
     /// This stream's place in its client's share, given back when the stream is dropped.
     share: Share,
+    /// Pays the caller's rate limit for the snapshot or replay; `None` with the limit off.
+    payer: Option<ScanPayer>,
 }
 
 impl ChangeStream {
@@ -540,6 +552,18 @@ impl Stream for ChangeStream {
         // Read before polling: if the queue then turns out empty, every matching change up
         // to this revision has been sent, which is what a PROGRESS event promises.
         let published = this.subscription.published_revision();
+        // What the snapshot or replay has read so far is paid for before it reads more.
+        if this.subscription.reads_a_page_next()
+            && let Some(payer) = &mut this.payer
+            && payer.poll_pay(this.subscription.visited(), cx).is_pending()
+        {
+            if shutting_down {
+                return this.end(Status::unavailable(
+                    "server is shutting down; reconnect to another instance",
+                ));
+            }
+            return Poll::Pending;
+        }
         match Pin::new(&mut this.subscription).poll_next(cx) {
             Poll::Ready(Some(Ok(event))) => {
                 let event = match event {

@@ -195,10 +195,13 @@ pub enum Limit {
     /// `server.max_control_frames`: an HTTP/2 connection was closed for sending more frames
     /// that do no work (WINDOW_UPDATE, SETTINGS, PING, empty DATA, ...) than its work allows.
     MaxControlFrames,
+    /// `server.new_connections_per_address`: a connection was closed as soon as it was
+    /// accepted, its address opening them faster than that.
+    NewConnectionsPerAddress,
 }
 
 impl Limit {
-    pub(crate) const ALL: [Self; 18] = [
+    pub(crate) const ALL: [Self; 19] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -217,6 +220,7 @@ impl Limit {
         Self::SubscriptionsMaxPerClient,
         Self::MaxHealthWatches,
         Self::MaxControlFrames,
+        Self::NewConnectionsPerAddress,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -240,6 +244,7 @@ impl Limit {
             Self::SubscriptionsMaxPerClient => "subscriptions.max_per_client",
             Self::MaxHealthWatches => "server.max_health_watches",
             Self::MaxControlFrames => "server.max_control_frames",
+            Self::NewConnectionsPerAddress => "server.new_connections_per_address",
         }
     }
 }

@@ -1,11 +1,16 @@
 //! The per-client request rate limit: a token bucket (GCRA, with `governor`) per client,
 //! keyed by its token when `auth` accepted one, else by its address. Refusals are immediate
-//! `RESOURCE_EXHAUSTED` (429 over HTTP) saying when to retry; nothing waits in a queue.
+//! `RESOURCE_EXHAUSTED` (429 over HTTP) saying when to retry; nothing waits in a queue. A
+//! Subscribe's snapshot or replay pays by the entries it visits, as it reads them
+//! ([`ScanCharge`]): past the caller's rate, the stream waits for its bucket to refill.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -16,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::json;
+use tokio::time::Sleep;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tracing::{debug, info};
@@ -102,15 +108,91 @@ fn nanos(duration: Duration) -> u64 {
 
 /// The middleware function, for `axum::middleware::from_fn_with_state(limit, rate_limit)`,
 /// inside the authentication layer (so it sees the [`Caller`]). Health checks are never
-/// limited. A Subscribe counts once, when it is opened.
-pub async fn rate_limit(State(limit): State<RateLimit>, request: Request, next: Next) -> Response {
+/// limited. A Subscribe counts once when it is opened, then by what its snapshot or replay
+/// visits: it gets a [`ScanCharge`] in its extensions.
+pub async fn rate_limit(
+    State(limit): State<RateLimit>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if is_health_check(request.uri().path()) {
         return next.run(request).await;
     }
     let key = client_key(&request);
-    match limit.check(&key) {
-        Ok(()) => next.run(request).await,
-        Err(wait) => limit.refuse(&key, &request, wait),
+    if let Err(wait) = limit.check(&key) {
+        return limit.refuse(&key, &request, wait);
+    }
+    if request.uri().path() == SUBSCRIBE_PATH {
+        request.extensions_mut().insert(ScanCharge { limit, key });
+    }
+    next.run(request).await
+}
+
+const SUBSCRIBE_PATH: &str = "/kvstore.KeyValueStore/Subscribe";
+
+/// Entries a Subscribe's snapshot or replay may visit (keys under its prefix, or changes of
+/// the history, sent or not) for the price of one request: one full page's scan
+/// (`store::subscription::SCAN`), which costs the server about what a small call does.
+/// Opening the Subscribe pays for the first of them; a million keys cost about 977 requests.
+pub const ENTRIES_PER_REQUEST: u64 = 1024;
+
+/// Whose bucket a Subscribe's snapshot or replay pays into: the caller's, in the rate limit's
+/// state. Each stream pays through its own [`ScanPayer`].
+#[derive(Clone)]
+pub struct ScanCharge {
+    limit: RateLimit,
+    key: ClientKey,
+}
+
+impl ScanCharge {
+    /// The payer for one stream, which has visited nothing yet.
+    pub fn payer(self) -> ScanPayer {
+        ScanPayer {
+            charge: self,
+            paid: 0,
+            wait: None,
+        }
+    }
+}
+
+/// What one Subscribe's snapshot or replay owes its caller's bucket, paid as it is read.
+///
+/// The stream pays for the pages read so far before it reads the next (so it is at most one
+/// page ahead of its payments); when the bucket is empty it waits until it has refilled,
+/// rather than failing: the client asked for work within its rights, only faster than its
+/// rate, and a snapshot larger than the burst must still be able to finish. Each wait is
+/// counted as a refusal of `rate_limit.per_client` in the metrics. The client's other calls
+/// meanwhile find the same bucket empty, as if it had made them.
+pub struct ScanPayer {
+    charge: ScanCharge,
+    /// Entries paid for so far.
+    paid: u64,
+    /// Until the bucket has a request for the next payment.
+    wait: Option<Pin<Box<Sleep>>>,
+}
+
+impl ScanPayer {
+    /// Ready once the `visited` entries are paid for (up to less than one request's worth);
+    /// pending while the caller's bucket refills, and woken when it has.
+    pub fn poll_pay(&mut self, visited: u64, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(wait) = &mut self.wait {
+                ready!(wait.as_mut().poll(cx));
+                self.wait = None;
+            }
+            if visited.saturating_sub(self.paid) < ENTRIES_PER_REQUEST {
+                return Poll::Ready(());
+            }
+            let ScanCharge { limit, key } = &self.charge;
+            match limit.check(key) {
+                Ok(()) => self.paid += ENTRIES_PER_REQUEST,
+                Err(wait) => {
+                    debug!(client = ?key, ?wait, "snapshot or replay waits: rate limit");
+                    limit.0.metrics.refused(Limit::RatePerClient);
+                    self.wait = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+            }
+        }
     }
 }
 
@@ -225,6 +307,36 @@ mod tests {
             )
             .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn a_scan_pays_a_request_per_page_of_entries_and_waits_for_the_bucket() {
+        let metrics = Arc::new(Metrics::new());
+        let settings = RateLimitSettings {
+            per_client: 20,
+            burst: 2,
+        };
+        let limit = RateLimit::new(settings, metrics.clone()).unwrap();
+        let key = ClientKey::Token(0);
+        let mut payer = ScanCharge { limit, key }.payer();
+        async fn pay(payer: &mut ScanPayer, visited: u64) -> Poll<()> {
+            std::future::poll_fn(|cx| Poll::Ready(payer.poll_pay(visited, cx))).await
+        }
+        assert!(
+            pay(&mut payer, ENTRIES_PER_REQUEST - 1).await.is_ready(),
+            "nothing owed yet"
+        );
+        assert!(
+            pay(&mut payer, 2 * ENTRIES_PER_REQUEST).await.is_ready(),
+            "the burst pays"
+        );
+        assert!(pay(&mut payer, 3 * ENTRIES_PER_REQUEST).await.is_pending());
+        assert_eq!(metrics.refusals(Limit::RatePerClient), 1);
+        // The bucket refills one request every 50 ms.
+        let started = Instant::now();
+        std::future::poll_fn(|cx| payer.poll_pay(3 * ENTRIES_PER_REQUEST, cx)).await;
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(25), "{waited:?}");
     }
 
     #[test]

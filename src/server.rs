@@ -6,6 +6,7 @@
 mod accept;
 mod conn;
 mod control;
+mod new_connections;
 mod partial;
 
 use std::net::SocketAddr;

@@ -1,7 +1,8 @@
 //! Each client's share of the open Subscribe streams (`subscriptions.max_per_client`): a
 //! count per client, keyed as the rate limit keys it (its token, else its address), taken
-//! when a stream opens and given back when the stream is dropped; and the budget of PROGRESS
-//! events that bounds what one client's idle streams cost. The global cap is the store's.
+//! when a stream opens and given back when the stream is dropped; and the budgets of PROGRESS
+//! events that bound what one client's idle streams cost, and all clients' together. The
+//! global cap on streams is the store's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +17,12 @@ use crate::caller::ClientKey;
 /// it opens. A client with ten streams still gets progress every 100 ms on each.
 pub const PROGRESS_PER_CLIENT: u32 = 100;
 
+/// PROGRESS events per second all streams of all clients may get together: about 1% of a core
+/// at 7–9 µs each, however many clients there are. With the default `subscriptions.max`
+/// (10,000) all open, each stream still gets one at least every 10 s, within the idle
+/// timeouts of the usual proxies (60 s and more).
+pub const PROGRESS_PER_SERVER: u32 = 1000;
+
 /// The open streams of every client that has one.
 #[derive(Clone)]
 pub struct Shares(Arc<Inner>);
@@ -25,6 +32,8 @@ struct Inner {
     /// Changed only under the lock, so a count and its removal at zero cannot race a take;
     /// read without it (an atomic load) by the progress timers.
     open: Mutex<HashMap<ClientKey, Arc<AtomicUsize>>>,
+    /// Streams open from all clients, changed with the counts above.
+    total: AtomicUsize,
 }
 
 /// A client is at its share: `subscriptions.max_per_client` streams are open.
@@ -41,6 +50,7 @@ impl Shares {
         Self(Arc::new(Inner {
             per_client,
             open: Mutex::new(HashMap::new()),
+            total: AtomicUsize::new(0),
         }))
     }
 
@@ -52,6 +62,7 @@ impl Shares {
             return Err(AtShare(self.0.per_client));
         }
         count.fetch_add(1, Ordering::Relaxed);
+        self.0.total.fetch_add(1, Ordering::Relaxed);
         Ok(Share {
             shares: self.0.clone(),
             client,
@@ -69,11 +80,15 @@ pub struct Share {
 
 impl Share {
     /// The shortest wait between two PROGRESS events on one of this client's streams that
-    /// keeps all of them within [`PROGRESS_PER_CLIENT`] a second, with the streams it has
-    /// open now. Read at each reset of a stream's timer, so it follows the client's count.
+    /// keeps all of them within [`PROGRESS_PER_CLIENT`] a second, and every stream of every
+    /// client within [`PROGRESS_PER_SERVER`], with the streams open now. Read at each reset
+    /// of a stream's timer, so it follows the counts.
     pub fn progress_floor(&self) -> Duration {
-        let open = u32::try_from(self.count.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
-        Duration::from_secs(1) * open / PROGRESS_PER_CLIENT
+        let count =
+            |open: &AtomicUsize| u32::try_from(open.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        let client = Duration::from_secs(1) * count(&self.count) / PROGRESS_PER_CLIENT;
+        let server = Duration::from_secs(1) * count(&self.shares.total) / PROGRESS_PER_SERVER;
+        client.max(server)
     }
 }
 
@@ -84,6 +99,7 @@ impl Drop for Share {
             .open
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.shares.total.fetch_sub(1, Ordering::Relaxed);
         // A client with nothing open takes no memory.
         if self.count.fetch_sub(1, Ordering::Relaxed) == 1 {
             open.remove(&self.client);
@@ -125,5 +141,17 @@ mod tests {
             .map(|_| shares.take(ClientKey::Unknown).unwrap())
             .collect();
         assert_eq!(more[0].progress_floor(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_progress_floor_grows_with_the_streams_of_every_client() {
+        let shares = Shares::new(1);
+        let held: Vec<Share> = (0..2000)
+            .map(|client| shares.take(ClientKey::Token(client)).unwrap())
+            .collect();
+        // One stream each: the client's own budget allows one every 10 ms.
+        assert_eq!(held[0].progress_floor(), Duration::from_secs(2));
+        drop(held);
+        assert_eq!(shares.0.total.load(Ordering::Relaxed), 0);
     }
 }

@@ -30,6 +30,7 @@ use crate::metrics::{Connections, Limit, Metrics};
 use crate::open_files;
 
 use super::conn::connection;
+use super::new_connections::NewConnections;
 
 /// What every connection of one listener shares.
 pub(super) struct Listener {
@@ -44,6 +45,7 @@ pub(super) struct Listener {
     pub(super) max_connections: usize,
     /// This listener's connections by address, and the proxies exempt from their cap.
     per_address: PerAddress,
+    new_connections: NewConnections,
     /// The cap the open-file limit puts on every listener's connections together, if it is
     /// below what `server.max_connections` asks.
     pub(super) files: Option<Arc<FileCap>>,
@@ -96,6 +98,7 @@ impl Listener {
                 trusted: settings.trusted_proxies.clone(),
                 open: Arc::default(),
             },
+            new_connections: NewConnections::new(name, settings, metrics),
             files: files.clone(),
             handshake_timeout: settings.handshake_timeout,
             idle_timeout,
@@ -142,6 +145,8 @@ pub(super) async fn serve(
             () = stop.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
+                // Past its address's rate: closed before anything, TLS handshake included.
+                Ok((stream, peer)) if !shared.new_connections.admit(peer.ip()) => drop(stream),
                 Ok((stream, peer)) => {
                     // Finished connections may not have been reaped yet; they must not count.
                     while connections.try_join_next().is_some() {}

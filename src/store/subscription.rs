@@ -57,6 +57,8 @@ pub struct Subscription {
     state: Arc<RwLock<State>>,
     after: u64,
     ended: bool,
+    /// Entries the snapshot or replay has visited so far.
+    visited: u64,
 }
 
 /// What is still to be read before the live changes.
@@ -90,6 +92,7 @@ impl Subscription {
             state,
             after,
             ended: false,
+            visited: 0,
         }
     }
 
@@ -120,6 +123,19 @@ impl Subscription {
     /// Whether a snapshot is still being read: the client has not had its end marker.
     pub fn in_snapshot(&self) -> bool {
         matches!(self.before, Before::Snapshot { .. })
+    }
+
+    /// Whether the next poll reads a page of the snapshot or replay: nothing is left of the
+    /// last one.
+    pub fn reads_a_page_next(&self) -> bool {
+        self.page.is_empty() && !self.is_live() && !self.ended
+    }
+
+    /// Entries (keys under the prefix, or changes of the history) the snapshot or replay has
+    /// visited so far, whether it sent them or not: the work it has cost. At most [`SCAN`]
+    /// more each time a page is read.
+    pub fn visited(&self) -> u64 {
+        self.visited
     }
 
     /// Whether no event is waiting: nothing is left to read before the live changes and no
@@ -170,8 +186,8 @@ impl Subscription {
     fn read_page(&mut self) -> Result<(), Ended> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         let prefix = self.live.prefix();
-        let finished = match &mut self.before {
-            Before::Nothing => true,
+        let (finished, visited) = match &mut self.before {
+            Before::Nothing => (true, 0),
             Before::Replay { next, until } => {
                 replay_page(&state, prefix, next, *until, &mut self.page)?
             }
@@ -181,6 +197,7 @@ impl Subscription {
                 at,
             } => snapshot_page(&state, prefix, pre_images, *revision, *at, &mut self.page),
         };
+        self.visited += visited as u64;
         if finished {
             self.before = Before::Nothing;
         }
@@ -188,17 +205,18 @@ impl Subscription {
     }
 }
 
-/// Reads the next page of a replay into `page`; whether the replay has reached `until`.
+/// Reads the next page of a replay into `page`; whether the replay has reached `until`, and
+/// how many changes it visited.
 fn replay_page(
     state: &RwLockReadGuard<'_, State>,
     prefix: &str,
     next: &mut u64,
     until: u64,
     page: &mut VecDeque<Event>,
-) -> Result<bool, Ended> {
+) -> Result<(bool, usize), Ended> {
     let history = &state.history;
     if *next > until {
-        return Ok(true);
+        return Ok((true, 0));
     }
     if *next <= history.compacted {
         return Err(Ended::Compacted {
@@ -209,10 +227,12 @@ fn replay_page(
     // Revisions are contiguous, so the start is found by arithmetic.
     let skip = usize::try_from(*next - history.compacted - 1).unwrap_or(usize::MAX);
     let skip = skip.min(history.changes.len());
+    let mut visited = 0;
     for change in history.changes.range(skip..).take(SCAN) {
         if change.revision() > until {
             break;
         }
+        visited += 1;
         *next = change.revision() + 1;
         if change.key().starts_with(prefix) {
             page.push_back(Event::Change(change.clone()));
@@ -221,11 +241,11 @@ fn replay_page(
             }
         }
     }
-    Ok(*next > until)
+    Ok((*next > until, visited))
 }
 
 /// Reads the next page of a snapshot into `page`, in key order; whether it is complete (its
-/// end marker is then the page's last event).
+/// end marker is then the page's last event), and how many keys it visited.
 ///
 /// A key's record in the map is its value at the snapshot's revision unless it has changed
 /// since; for those, the pre-images hold the record as it was (or nothing, if the key was
@@ -237,7 +257,7 @@ fn snapshot_page(
     revision: u64,
     at: u64,
     page: &mut VecDeque<Event>,
-) -> bool {
+) -> (bool, usize) {
     let mut kept = pre_images.lock();
     let sent = kept.sent_up_to.clone();
     let lower = match &sent {
@@ -252,6 +272,7 @@ fn snapshot_page(
     let timestamp_ms = now_ms();
     let mut last = None;
     let mut finished = false;
+    let mut visited = 0;
     for _ in 0..SCAN {
         let in_map = records.peek().copied();
         let changed = before.peek().map(|&(key, record)| (key.as_str(), record));
@@ -276,6 +297,7 @@ fn snapshot_page(
                 }
             },
         };
+        visited += 1;
         last = Some(Key::from(key));
         if let Some(record) = record.filter(|record| is_live(record, at)) {
             page.push_back(Event::Initial(Change {
@@ -301,7 +323,7 @@ fn snapshot_page(
         pre_images.finish();
         page.push_back(Event::SnapshotEnd(revision));
     }
-    finished
+    (finished, visited)
 }
 
 impl Stream for Subscription {

@@ -825,3 +825,40 @@ async fn a_partial_http1_request_after_a_request_is_cut_after_the_handshake_time
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_address_opening_connections_past_its_rate_is_closed_unanswered_while_others_connect() {
+    let server = spawn_with(single_port(|s| {
+        s.server.new_connections_per_address = 1;
+        s.server.new_connections_burst = 3;
+        s.server.trusted_proxies = vec!["127.0.0.3/32".parse().unwrap()];
+    }))
+    .await;
+    let mut within = Vec::new();
+    for _ in 0..3 {
+        within.push(h2_from("127.0.0.2", server.grpc_addr).await);
+    }
+    // The fourth within the second is closed before anything is read from it: no answer,
+    // not even the refusal that the connection caps give.
+    let closed = raw_response_from("127.0.0.2", server.grpc_addr, "/health/live").await;
+    assert_eq!(closed, "", "closed without an answer");
+
+    // The connections within the rate go on; another address, and a trusted proxy whatever
+    // its rate, connect.
+    for h2 in &mut within {
+        assert_eq!(h2.get("/health/live").await, http::StatusCode::OK);
+    }
+    let mut proxied = Vec::new();
+    for _ in 0..5 {
+        proxied.push(h2_from("127.0.0.3", server.grpc_addr).await);
+    }
+    let other = raw_response_from("127.0.0.1", server.grpc_addr, "/metrics").await;
+    assert!(other.starts_with("HTTP/1.1 200 OK"), "{other}");
+    let series = "kvstore_limit_refusals_total{limit=\"server.new_connections_per_address\"}";
+    assert_eq!(
+        sample(&other, series),
+        1.0,
+        "the closed connection is counted"
+    );
+    server.shutdown().await;
+}

@@ -1,6 +1,6 @@
 //! The per-client rate limit and the HTTP body limit, end to end: refusals are immediate and
 //! say when to retry, buckets are per token or per peer address, refill, and never count
-//! health checks or a Subscribe's events.
+//! health checks or a Subscribe's events; a Subscribe's snapshot counts by the keys it covers.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -8,8 +8,10 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use kvstore::config::{RateLimitSettings, Settings};
+use kvstore::pb::change_event::ChangeType;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
 use kvstore::pb::{GetRequest, SubscribeRequest};
+use kvstore::rate_limit::ENTRIES_PER_REQUEST;
 use kvstore::token::BearerToken;
 use tokio::time::{Instant, timeout};
 use tonic::Code;
@@ -208,6 +210,60 @@ async fn a_subscription_counts_once_and_health_checks_never() {
             assert_eq!(status, http::StatusCode::OK);
         }
     }
+    server.shutdown().await;
+}
+
+/// Keys under the prefix of the snapshot test: six requests' worth of work.
+const SNAPSHOT_KEYS: u64 = 6 * ENTRIES_PER_REQUEST;
+
+#[tokio::test]
+async fn a_snapshot_pays_by_the_keys_it_covers_and_waits_while_another_client_is_served() {
+    // 2 requests a second, 3 at once: the Subscribe takes one, the snapshot the two left
+    // and four more, for which its stream waits about two seconds.
+    let server = spawn_with(limited(test_settings(), 2, 3)).await;
+    for i in 0..SNAPSHOT_KEYS {
+        server
+            .store
+            .set(format!("snap/{i:05}"), "v".into(), Default::default())
+            .unwrap();
+    }
+    let mut subscriber = client_from(&server, "127.0.0.1").await;
+    let started = Instant::now();
+    let request = SubscribeRequest {
+        key_pattern: "snap/".into(),
+        initial: true,
+        ..SubscribeRequest::default()
+    };
+    let mut events = subscriber.subscribe(request).await.unwrap().into_inner();
+    let mut initial = 0;
+    loop {
+        let event = timeout(PATIENCE, events.message())
+            .await
+            .expect("the snapshot goes on in time")
+            .expect("past its rate the stream waits rather than fails")
+            .expect("the stream stays open");
+        if event.change_type() == ChangeType::Progress {
+            break;
+        }
+        assert!(event.initial, "{event:?}");
+        initial += 1;
+    }
+    let took = started.elapsed();
+    assert_eq!(initial, SNAPSHOT_KEYS, "every key, then the end marker");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "four requests' worth past the burst at 2 a second, in {took:?}"
+    );
+
+    // The snapshot spent the subscriber's bucket, as calls of its own would have...
+    let status = subscriber.get(get()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // ...and no one else's.
+    client_from(&server, "127.0.0.2")
+        .await
+        .get(get())
+        .await
+        .expect("another client is not affected");
     server.shutdown().await;
 }
 

@@ -1,6 +1,6 @@
 //! What one client may hold open, so that it cannot take what the others share: its share of
 //! the Subscribe streams (`subscriptions.max_per_client`), the PROGRESS events of its
-//! streams, and the unauthenticated health Watch streams (`server.max_health_watches`).
+//! streams (and of all clients' together), and the unauthenticated health Watch streams (`server.max_health_watches`).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -124,6 +124,31 @@ async fn a_client_with_many_streams_gets_each_ones_progress_less_often() {
     let crowded = progress_interval(last).await;
     // Below 300 ms by at most the first event's delay on the way; far above 100 ms.
     assert!(crowded >= Duration::from_millis(250), "{crowded:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn progress_of_every_client_together_is_bounded_too() {
+    let server = spawn_with(test_settings()).await;
+    let every_100_ms = SubscribeRequest {
+        progress_interval_ms: 100,
+        ..SubscribeRequest::default()
+    };
+    // 20 clients with 60 streams each: each client's own budget would give each of its
+    // streams a PROGRESS event every 600 ms (2,000 a second in all); the server's, 1,000 a
+    // second for the 1,200 streams, one every 1.2 s.
+    let mut streams = Vec::new();
+    for client in 1..=20 {
+        let mut client = client_from(&server, &format!("127.0.0.{client}")).await;
+        for _ in 0..60 {
+            let stream = client.subscribe(every_100_ms.clone()).await.unwrap();
+            streams.push(stream.into_inner());
+        }
+    }
+    let last = streams.last_mut().expect("1,200 streams");
+    let crowded = progress_interval(last).await;
+    // Below 1.2 s by at most the first event's delay on the way; far above 600 ms.
+    assert!(crowded >= Duration::from_millis(1100), "{crowded:?}");
     server.shutdown().await;
 }
 

@@ -8,7 +8,7 @@
 // The same allocator as kvstore-server, so the bare fixture is the ceiling of this stack as
 // kvstore runs it, not a server handicapped by glibc malloc; the load tool gains too.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod bare_server;
 mod batch;
