@@ -12,13 +12,12 @@ use std::time::Duration;
 use crate::caller::ClientKey;
 
 /// PROGRESS events per second one client's streams may get, all together. Each costs the
-/// server a wake-up, an encode and a write (7–9 µs: 10,000 streams at 100 ms took 0.69–0.89
-/// cores), so one client's idle streams cost it at most about 0.1% of a core, however many
-/// it opens. A client with ten streams still gets progress every 100 ms on each.
+/// server a wake-up, an encode and a write (docs/data-model.md, "Progress", has the cost), so
+/// one client's idle streams cost a small fixed share of a core, however many it opens. A client with ten streams still gets progress every 100 ms on each.
 pub const PROGRESS_PER_CLIENT: u32 = 100;
 
-/// PROGRESS events per second all streams of all clients may get together: about 1% of a core
-/// at 7–9 µs each, however many clients there are. With the default `subscriptions.max`
+/// PROGRESS events per second all streams of all clients may get together: a small fixed
+/// share of a core, however many clients there are. With the default `subscriptions.max`
 /// (10,000) all open, each stream still gets one at least every 10 s, within the idle
 /// timeouts of the usual proxies (60 s and more).
 pub const PROGRESS_PER_SERVER: u32 = 1000;
