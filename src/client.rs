@@ -10,7 +10,8 @@
 //! # let mut settings = kvstore::config::Settings::default();
 //! # settings.server.listen = "127.0.0.1:0".parse()?;
 //! # settings.server.health_listen = None;
-//! # let server = kvstore::server::bind(settings).await?;
+//! # let startup = kvstore::startup::Startup::from_settings(settings)?;
+//! # let server = kvstore::server::bind(startup).await?;
 //! # let endpoint = format!("http://{}", server.listen_addr());
 //! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! # let running = tokio::spawn(server.run(async { let _ = stopped.await; }));
