@@ -83,6 +83,16 @@ pub struct ServerSettings {
     /// Bytes of gRPC request messages still arriving, on every connection together; a call
     /// whose message would take more is refused with `RESOURCE_EXHAUSTED`.
     pub max_request_bytes_in_flight: usize,
+    /// Bytes of answers built and not yet taken by their clients, on every connection
+    /// together; see [`crate::answers`].
+    pub max_answer_bytes_in_flight: usize,
+    /// Each connection's share of `max_answer_bytes_in_flight`: past it, the connection's new
+    /// calls are refused with `RESOURCE_EXHAUSTED` until it takes its answers.
+    pub max_answer_bytes_per_connection: usize,
+    /// How long an HTTP/2 stream's answer may wait for its client without progress before
+    /// the stream is reset.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Connections open at once on each listener; more are accepted, told why and closed at
     /// once.
     pub max_connections: usize,
@@ -325,6 +335,9 @@ impl Default for Settings {
                 max_in_flight: 1024,
                 request_body_timeout: Duration::from_secs(5),
                 max_request_bytes_in_flight: 64 * 1024 * 1024,
+                max_answer_bytes_in_flight: 256 * 1024 * 1024,
+                max_answer_bytes_per_connection: 16 * 1024 * 1024,
+                send_timeout: Duration::from_secs(30),
                 max_connections: 10_000,
                 max_connections_per_address: 0,
                 trusted_proxies: Vec::new(),
@@ -784,7 +797,33 @@ fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
             ),
         ));
     }
+    let largest =
+        crate::grpc::max_answer_bytes(&settings.limits) + crate::request_body::PREFIX_BYTES;
+    if settings.server.max_answer_bytes_per_connection < largest {
+        return Err(invalid(
+            figment,
+            "server.max_answer_bytes_per_connection",
+            &format!(
+                "must be at least {largest}, the largest answer (limits.max_response_bytes and its \
+                 framing), got {}",
+                settings.server.max_answer_bytes_per_connection
+            ),
+        ));
+    }
+    if settings.server.max_answer_bytes_in_flight < settings.server.max_answer_bytes_per_connection
+    {
+        return Err(invalid(
+            figment,
+            "server.max_answer_bytes_in_flight",
+            &format!(
+                "must be at least server.max_answer_bytes_per_connection ({}), got {}",
+                settings.server.max_answer_bytes_per_connection,
+                settings.server.max_answer_bytes_in_flight
+            ),
+        ));
+    }
     let positive = [
+        ("server.send_timeout", settings.server.send_timeout),
         (
             "server.request_body_timeout",
             settings.server.request_body_timeout,
@@ -1355,6 +1394,21 @@ mod tests {
                 (
                     with_file("[server]\nmax_request_bytes_in_flight = 4194304\n")?,
                     "server.max_request_bytes_in_flight must be at least 4194309",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_answer_bytes_per_connection = 4194304\n")?,
+                    "server.max_answer_bytes_per_connection must be at least 4195333",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nmax_answer_bytes_in_flight = 8388608\n")?,
+                    "server.max_answer_bytes_in_flight must be at least server.max_answer_bytes_per_connection (16777216)",
+                    "bad.toml",
+                ),
+                (
+                    with_file("[server]\nsend_timeout = \"0s\"\n")?,
+                    "server.send_timeout must be longer than 0s",
                     "bad.toml",
                 ),
                 (

@@ -16,6 +16,8 @@
 //!   the header limit in front of every route.
 //! - [`request_body`]: every gRPC request message held to a size, a time to arrive and one
 //!   budget of bytes still arriving; single-message calls read whole before the guard.
+//! - [`answers`]: answers built and not yet taken, held to one budget and a share per
+//!   connection; the send deadline of each HTTP/2 stream.
 //! - [`metrics`]: Prometheus metrics, the layer that counts gRPC calls, and `GET /metrics`.
 //! - [`browser`]: what keeps web pages out: gRPC only as gRPC, the Host check of the HTTP
 //!   routes (`server.allowed_hosts`).
@@ -30,6 +32,7 @@
 //! - [`endpoint`]: the server address the command-line tools accept.
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
+pub mod answers;
 pub mod auth;
 pub mod browser;
 pub mod codec;

@@ -209,10 +209,19 @@ pub enum Limit {
     /// `server.max_control_frames`: an HTTP/2 connection was closed for sending more frames
     /// that do no work (WINDOW_UPDATE, SETTINGS, PING, empty DATA, ...) than its work allows.
     MaxControlFrames,
+    /// `server.max_answer_bytes_in_flight`: a call was refused, or a large answer replaced,
+    /// because answers waiting for their clients held the server's budget.
+    MaxAnswerBytesInFlight,
+    /// `server.max_answer_bytes_per_connection`: a call was refused, or a large answer
+    /// replaced, because the connection's answers not yet taken held its share.
+    MaxAnswerBytesPerConnection,
+    /// `server.send_timeout`: an HTTP/2 stream was reset, its answer having made no progress
+    /// for that long.
+    SendTimeout,
 }
 
 impl Limit {
-    const ALL: [Self; 18] = [
+    const ALL: [Self; 21] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -231,6 +240,9 @@ impl Limit {
         Self::SubscriptionsMaxPerClient,
         Self::MaxHealthWatches,
         Self::MaxControlFrames,
+        Self::MaxAnswerBytesInFlight,
+        Self::MaxAnswerBytesPerConnection,
+        Self::SendTimeout,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -254,6 +266,9 @@ impl Limit {
             Self::SubscriptionsMaxPerClient => "subscriptions.max_per_client",
             Self::MaxHealthWatches => "server.max_health_watches",
             Self::MaxControlFrames => "server.max_control_frames",
+            Self::MaxAnswerBytesInFlight => "server.max_answer_bytes_in_flight",
+            Self::MaxAnswerBytesPerConnection => "server.max_answer_bytes_per_connection",
+            Self::SendTimeout => "server.send_timeout",
         }
     }
 }

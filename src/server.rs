@@ -22,7 +22,7 @@ use axum::http::{HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use hyper::body::{Body, Frame, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
@@ -40,6 +40,7 @@ use tower_http::LatencyUnit;
 use tower_http::trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::{Level, debug, error, info, warn};
 
+use crate::answers::{Answers, StreamExecutor};
 use crate::auth::{self, Auth};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
 use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings, Settings};
@@ -173,16 +174,32 @@ impl Server {
             (Some(_), false) => "mutual",
         };
         let files = open_file_cap(&settings.server, 1 + usize::from(health.is_some()));
+        let answers = Answers::new(&settings.server, metrics.clone());
         info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", tls = tls_mode, "listening");
-        let main_listener = Listener::new("main", app, tls, &settings.server, &metrics, &files);
+        let main_listener = Listener::new(
+            "main",
+            app,
+            tls,
+            &settings.server,
+            &metrics,
+            &files,
+            &answers,
+        );
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
                 let routes = layers
                     .access
                     .guard(http_router(&draining, &settings, &layers));
-                let routes =
-                    Listener::new("health", routes, None, &settings.server, &metrics, &files);
+                let routes = Listener::new(
+                    "health",
+                    routes,
+                    None,
+                    &settings.server,
+                    &metrics,
+                    &files,
+                    &answers,
+                );
                 Some(serve(listener, routes, stop.clone(), drain))
             }
             None => None,
@@ -454,7 +471,10 @@ struct Listener {
     open: Connections,
     /// Counts refused connections and connections cut by `server.handshake_timeout`.
     metrics: Arc<Metrics>,
-    http: auto::Builder<TokioExecutor>,
+    /// Its HTTP/2 streams run under `server.send_timeout`.
+    http: auto::Builder<StreamExecutor>,
+    /// Each connection's answers count against their share and the server's budget.
+    answers: Answers,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
     /// This listener's connections by address, and the proxies exempt from their cap.
@@ -475,10 +495,11 @@ impl Listener {
         settings: &ServerSettings,
         metrics: &Arc<Metrics>,
         files: &Option<Arc<FileCap>>,
+        answers: &Answers,
     ) -> Arc<Self> {
         let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
         let ceiling = header_ceiling(settings.max_header_bytes);
-        let mut http = auto::Builder::new(TokioExecutor::new());
+        let mut http = auto::Builder::new(answers.executor());
         http.http1()
             .timer(TokioTimer::new())
             // A request's head must fit in the read buffer. It is never larger than the
@@ -504,6 +525,7 @@ impl Listener {
             open: metrics.connections(name),
             metrics: metrics.clone(),
             http,
+            answers: answers.clone(),
             tls,
             max_connections: settings.max_connections,
             per_address: PerAddress {
@@ -1002,7 +1024,10 @@ async fn serve_http<IO>(
     ));
     // Per-client rate limiting keys unauthenticated clients by their address.
     let service = TowerToHyperService::new(Tracked {
-        inner: Extension(ConnectInfo(peer)).layer(shared.app.clone()),
+        inner: shared
+            .answers
+            .connection()
+            .layer(Extension(ConnectInfo(peer)).layer(shared.app.clone())),
         activity: activity.clone(),
     });
     let connection = shared.http.serve_connection_with_upgrades(io, service);
