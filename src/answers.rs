@@ -37,10 +37,10 @@ use crate::metrics::{Limit, Metrics};
 /// The most bytes handed to hyper at once: one HTTP/2 DATA frame at the default frame size.
 const SLICE_BYTES: usize = 16 * 1024;
 
-/// Answers up to this size are always delivered once built, even past the budget: an
-/// acknowledgement or a small read costs less than the refusal that would replace it, and
-/// what they add is bounded by the calls running at once (see the docs' derivation).
-const ALWAYS_DELIVERED: usize = 16 * 1024;
+/// Answers up to this size are always delivered once built, even past the budget: every
+/// Set and Delete acknowledgement is smaller, and a small read costs about what the refusal
+/// replacing it would. What they add is at most this much per open stream.
+const ALWAYS_DELIVERED: usize = 1024;
 
 /// Marks a response whose answer acknowledges applied changes (a Batch that wrote): it is
 /// delivered whatever the budget, since replacing it would report a failure for changes
