@@ -192,7 +192,7 @@ impl Connection {
 struct Stream {
     /// Bytes of this stream's answer built and not yet taken.
     held: AtomicUsize,
-    /// Slices handed on so far: each one means the client's window let one through.
+    /// Slices handed on and bytes written so far: each step means the client took some.
     progress: AtomicU64,
 }
 
