@@ -237,10 +237,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let grpc = is_grpc(&request);
         let connection = self.connection.clone();
         if let Err(over) = connection.admit() {
-            let refusal = connection.refusal(over, None, grpc);
+            let refusal = connection.refusal(over, None, is_grpc(&request));
             return Answering {
                 state: AnsweringState::Refused {
                     response: Some(refusal),
@@ -252,7 +251,6 @@ where
             state: AnsweringState::Calling {
                 call: self.inner.call(request),
                 connection,
-                grpc,
             },
         }
     }
@@ -270,7 +268,7 @@ pin_project! {
     #[project = AnsweringProj]
     enum AnsweringState<F> {
         Refused { response: Option<Response>, connection: Arc<Connection> },
-        Calling { #[pin] call: F, connection: Arc<Connection>, grpc: bool },
+        Calling { #[pin] call: F, connection: Arc<Connection> },
     }
 }
 
@@ -278,28 +276,23 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Answering<F> {
     type Output = Result<http::Response<AnswerBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (response, connection, grpc) = match self.project().state.project() {
+        let (response, connection) = match self.project().state.project() {
             AnsweringProj::Refused {
                 response,
                 connection,
             } => {
                 let response = response.take().expect("polled after completion");
-                (response, connection.clone(), false)
+                (response, connection.clone())
             }
-            AnsweringProj::Calling {
-                call,
-                connection,
-                grpc,
-            } => {
+            AnsweringProj::Calling { call, connection } => {
                 let Ok(response) = ready!(call.poll(cx));
-                (response, connection.clone(), *grpc)
+                (response, connection.clone())
             }
         };
         // Outside an HTTP/2 stream's task (HTTP/1.1) the answer has no deadline of its own.
         let stream = STREAM
             .try_with(Arc::clone)
             .unwrap_or_else(|_| Arc::default());
-        let committed = response.extensions().get::<Committed>().is_some();
         let (parts, body) = response.into_parts();
         let mut body = AnswerBody {
             body,
@@ -311,7 +304,11 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Answering<F> {
         // A unary answer is built by now: its body yields it whole at once, encoded. Taking
         // it here counts it before its headers go, and a large read that does not fit can
         // still be refused instead.
-        if !body.read_ahead(cx) || !grpc || committed || body.data.len() <= ALWAYS_DELIVERED {
+        if !body.read_ahead(cx)
+            || body.data.len() <= ALWAYS_DELIVERED
+            || parts.extensions.get::<Committed>().is_some()
+            || !is_grpc_answer(&parts)
+        {
             body.charge_read();
             return Poll::Ready(Ok(http::Response::from_parts(parts, body)));
         }
@@ -342,6 +339,14 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Answering<F> {
         body.charge_read();
         Poll::Ready(Ok(http::Response::from_parts(parts, body)))
     }
+}
+
+/// Whether `parts` answer a gRPC call: only those are replaced by a status.
+fn is_grpc_answer(parts: &http::response::Parts) -> bool {
+    parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// An answer's body: what it has built is counted until taken, and handed on in slices.
