@@ -90,6 +90,16 @@ pub struct ServerSettings {
     /// Bytes of gRPC request messages still arriving, on every connection together; a call
     /// whose message would take more is refused with `RESOURCE_EXHAUSTED`.
     pub max_request_bytes_in_flight: usize,
+    /// Bytes of answers built and not yet taken by their clients, on every connection
+    /// together; see `answers`.
+    pub max_answer_bytes_in_flight: usize,
+    /// Each connection's share of `max_answer_bytes_in_flight`: past it, the connection's new
+    /// calls are refused with `RESOURCE_EXHAUSTED` until it takes its answers.
+    pub max_answer_bytes_per_connection: usize,
+    /// How long an HTTP/2 stream's answer may wait for its client without progress before
+    /// the stream is reset.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Connections open at once on each listener; more are accepted, told why and closed at
     /// once.
     pub max_connections: usize,
@@ -339,6 +349,9 @@ impl Default for Settings {
                 max_in_flight: 1024,
                 request_body_timeout: Duration::from_secs(5),
                 max_request_bytes_in_flight: 64 * 1024 * 1024,
+                max_answer_bytes_in_flight: 256 * 1024 * 1024,
+                max_answer_bytes_per_connection: 16 * 1024 * 1024,
+                send_timeout: Duration::from_secs(30),
                 max_connections: 10_000,
                 max_connections_per_address: 0,
                 trusted_proxies: Vec::new(),

@@ -87,7 +87,7 @@ impl KvService {
     pub fn into_server(self) -> KeyValueStoreServer<Self> {
         let max = max_message_bytes(&self.limits);
         // A backstop: the store already keeps every answer within max_response_bytes.
-        let max_answer = self.limits.max_response_bytes + MESSAGE_OVERHEAD;
+        let max_answer = max_answer_bytes(&self.limits);
         KeyValueStoreServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max_answer)
@@ -121,6 +121,11 @@ impl KvService {
 pub fn max_message_bytes(limits: &Limits) -> usize {
     let one_set = limits.max_key_bytes + limits.max_value_bytes + MESSAGE_OVERHEAD;
     one_set.max(limits.max_batch_bytes)
+}
+
+/// The largest answer message the service encodes, under `limits`.
+pub fn max_answer_bytes(limits: &Limits) -> usize {
+    limits.max_response_bytes + MESSAGE_OVERHEAD
 }
 
 impl KvService {
@@ -356,6 +361,9 @@ impl KeyValueStore for KvService {
                 caller.require(Role::ReadWrite, &format!("a Batch that writes (op {i})"))?;
             }
         }
+        let writes = ops
+            .iter()
+            .any(|op| !matches!(op, WireOp::Get { .. } | WireOp::Empty));
         let ops = ops
             .into_iter()
             .enumerate()
@@ -372,7 +380,12 @@ impl KeyValueStore for KvService {
                 self.metrics.refused(Limit::MaxResponseBytes);
                 Status::resource_exhausted(too_large.to_string())
             })?;
-        Ok(Response::new(BatchReply { results, revision }))
+        let mut response = Response::new(BatchReply { results, revision });
+        if writes {
+            // Its changes are made: the answer must reach the client whatever the budget.
+            response.extensions_mut().insert(crate::answers::Committed);
+        }
+        Ok(response)
     }
 
     /// One page in key order; `limit` 0 means 1000, capped at `limits.max_page`. The page

@@ -14,6 +14,8 @@
 //! - [`header_limit`]: `server.max_header_bytes`, in front of every route.
 //! - [`request_body`]: every gRPC request message held to a size, a time to arrive and one
 //!   budget of bytes still arriving; single-message calls read whole before the guard.
+//! - [`answers`]: answers built and not yet taken, held to one budget and a share per
+//!   connection; the send deadline of each HTTP/2 stream.
 //! - [`metrics`]: the counters the server bumps as it works, and the layer that counts gRPC
 //!   calls; [`exporter`]: `GET /metrics`, which reads them and the store's state.
 //! - [`browser`]: what keeps web pages out: gRPC only as gRPC, the Host check of the HTTP
@@ -34,6 +36,7 @@
 //! - [`endpoint`]: the server address the command-line tools and the client accept.
 //! - [`legacy_args`]: the original Go client's flags, rewritten for `kvstore-client`.
 
+pub mod answers;
 pub mod auth;
 pub mod browser;
 pub mod caller;

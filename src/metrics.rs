@@ -198,10 +198,19 @@ pub enum Limit {
     /// `server.new_connections_per_address`: a connection was closed as soon as it was
     /// accepted, its address opening them faster than that.
     NewConnectionsPerAddress,
+    /// `server.max_answer_bytes_in_flight`: a call was refused, or a large answer replaced,
+    /// because answers waiting for their clients held the server's budget.
+    MaxAnswerBytesInFlight,
+    /// `server.max_answer_bytes_per_connection`: a call was refused, or a large answer
+    /// replaced, because the connection's answers not yet taken held its share.
+    MaxAnswerBytesPerConnection,
+    /// `server.send_timeout`: an HTTP/2 stream was reset, its answer having made no progress
+    /// for that long.
+    SendTimeout,
 }
 
 impl Limit {
-    pub(crate) const ALL: [Self; 19] = [
+    pub(crate) const ALL: [Self; 22] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
         Self::SubscriptionsMax,
@@ -221,6 +230,9 @@ impl Limit {
         Self::MaxHealthWatches,
         Self::MaxControlFrames,
         Self::NewConnectionsPerAddress,
+        Self::MaxAnswerBytesInFlight,
+        Self::MaxAnswerBytesPerConnection,
+        Self::SendTimeout,
     ];
 
     /// The config key of the limit, which is also the `limit` label.
@@ -245,6 +257,9 @@ impl Limit {
             Self::MaxHealthWatches => "server.max_health_watches",
             Self::MaxControlFrames => "server.max_control_frames",
             Self::NewConnectionsPerAddress => "server.new_connections_per_address",
+            Self::MaxAnswerBytesInFlight => "server.max_answer_bytes_in_flight",
+            Self::MaxAnswerBytesPerConnection => "server.max_answer_bytes_per_connection",
+            Self::SendTimeout => "server.send_timeout",
         }
     }
 }

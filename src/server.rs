@@ -26,6 +26,7 @@ use tower_http::LatencyUnit;
 use tower_http::trace::{DefaultOnEos, DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::{Level, debug, error, info, warn};
 
+use crate::answers::Answers;
 use crate::auth::{self, Auth, Keyring};
 use crate::browser::{self, AllowedHosts, GrpcOnly};
 use crate::config::Settings;
@@ -158,13 +159,29 @@ impl Server {
         };
         let files = open_file_cap(&settings.server, 1 + usize::from(health.is_some()));
         info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", tls = tls_mode, "listening");
-        let main_listener = Listener::new("main", app, tls, &settings.server, &metrics, &files);
+        let answers = Answers::new(&settings.server, metrics.clone());
+        let main_listener = Listener::new(
+            "main",
+            app,
+            tls,
+            &settings.server,
+            &metrics,
+            &files,
+            &answers,
+        );
         let health_task = match health {
             Some(listener) => {
                 info!(listener = "health", addr = %listener.local_addr()?, serves = "HTTP", tls = "off", "listening");
                 let routes = health_app(&settings, &draining, &layers);
-                let routes =
-                    Listener::new("health", routes, None, &settings.server, &metrics, &files);
+                let routes = Listener::new(
+                    "health",
+                    routes,
+                    None,
+                    &settings.server,
+                    &metrics,
+                    &files,
+                    &answers,
+                );
                 Some(serve(listener, routes, stop.clone(), drain))
             }
             None => None,
@@ -239,11 +256,13 @@ impl Server {
 ///
 /// 1. connection tracking (`server/conn.rs`): a request counts as open on its connection
 ///    until its response body is dropped, which the idle and first-request deadlines read;
-/// 2. connect info: the peer's address, for the rate limit and the per-client shares;
-/// 3. the header limit (`header_limit.rs`, `server.max_header_bytes`);
-/// 4. authentication (`auth.rs`), then the per-client rate limit (`rate_limit.rs`), both by
+/// 2. answers in flight (`answers.rs`): a connection whose answers not yet taken fill its
+///    share, or the server's budget, gets no new work; every answer is counted until written;
+/// 3. connect info: the peer's address, for the rate limit and the per-client shares;
+/// 4. the header limit (`header_limit.rs`, `server.max_header_bytes`);
+/// 5. authentication (`auth.rs`), then the per-client rate limit (`rate_limit.rs`), both by
 ///    path, so a route added later is closed and limited unless listed as open;
-/// 5. the routes:
+/// 6. the routes:
 ///    - HTTP: `/health/live`, `/health/ready` and the 404 fallback (`http.rs`), `/metrics`
 ///      (`exporter.rs`) behind the Host check (`browser.rs`), all under the HTTP body limit;
 ///    - gRPC, each service refusing what is not gRPC over HTTP/2 (`browser.rs`), so a web page
@@ -254,8 +273,9 @@ impl Server {
 ///      limit; reflection through its message limit. Health and reflection answer while KV
 ///      calls are shed.
 ///
-/// Steps 1 and 2 belong to a connection and are added by `conn.rs` as it serves one; this
-/// builds the rest, once.
+/// Steps 1 to 3 belong to a connection and are added by `conn.rs` as it serves one (and
+/// each HTTP/2 stream runs under `server.send_timeout`, through the executor of `answers.rs`);
+/// this builds the rest, once.
 fn app(
     settings: &Settings,
     store: Store,

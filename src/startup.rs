@@ -56,6 +56,17 @@ impl Startup {
                 ),
             ));
         }
+        let largest = grpc::max_answer_bytes(&settings.limits) + request_body::PREFIX_BYTES;
+        if settings.server.max_answer_bytes_per_connection < largest {
+            return Err(sources.invalid(
+                "server.max_answer_bytes_per_connection",
+                &format!(
+                    "must be at least {largest}, the largest answer (limits.max_response_bytes and its \
+                     framing), got {}",
+                    settings.server.max_answer_bytes_per_connection
+                ),
+            ));
+        }
         let tls =
             tls::acceptor(&settings.tls).map_err(|err| sources.invalid(err.key, &err.problem))?;
         let hosts = AllowedHosts::new(&settings.server.allowed_hosts)

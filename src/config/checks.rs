@@ -104,7 +104,20 @@ pub(super) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
             ),
         ));
     }
+    if settings.server.max_answer_bytes_in_flight < settings.server.max_answer_bytes_per_connection
+    {
+        return Err(invalid(
+            figment,
+            "server.max_answer_bytes_in_flight",
+            &format!(
+                "must be at least server.max_answer_bytes_per_connection ({}), got {}",
+                settings.server.max_answer_bytes_per_connection,
+                settings.server.max_answer_bytes_in_flight
+            ),
+        ));
+    }
     let positive = [
+        ("server.send_timeout", settings.server.send_timeout),
         (
             "server.request_body_timeout",
             settings.server.request_body_timeout,

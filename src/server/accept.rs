@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::caller::peer_key;
+use crate::answers::{Answers, StreamExecutor};
 use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings};
 use crate::header_limit::HeaderLimited;
 use crate::http;
@@ -40,7 +41,10 @@ pub(super) struct Listener {
     pub(super) open: Connections,
     /// Counts refused connections and connections cut by `server.handshake_timeout`.
     pub(super) metrics: Arc<Metrics>,
-    pub(super) http: auto::Builder<TokioExecutor>,
+    /// Its HTTP/2 streams run under `server.send_timeout`.
+    pub(super) http: auto::Builder<StreamExecutor>,
+    /// Each connection's answers count against their share and the server's budget.
+    pub(super) answers: Answers,
     pub(super) tls: Option<TlsAcceptor>,
     pub(super) max_connections: usize,
     /// This listener's connections by address, and the proxies exempt from their cap.
@@ -62,10 +66,11 @@ impl Listener {
         settings: &ServerSettings,
         metrics: &Arc<Metrics>,
         files: &Option<Arc<FileCap>>,
+        answers: &Answers,
     ) -> Arc<Self> {
         let idle_timeout = Some(settings.idle_timeout).filter(|t| !t.is_zero());
         let ceiling = header_ceiling(settings.max_header_bytes);
-        let mut http = auto::Builder::new(TokioExecutor::new());
+        let mut http = auto::Builder::new(answers.executor());
         http.http1()
             .timer(TokioTimer::new())
             // A request's head must fit in the read buffer. It is never larger than the
@@ -91,6 +96,7 @@ impl Listener {
             open: metrics.connections(name),
             metrics: metrics.clone(),
             http,
+            answers: answers.clone(),
             tls,
             max_connections: settings.max_connections,
             per_address: PerAddress {

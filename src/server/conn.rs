@@ -87,7 +87,10 @@ async fn serve_http<IO>(
     ));
     // Per-client rate limiting keys unauthenticated clients by their address.
     let service = TowerToHyperService::new(Tracked {
-        inner: Extension(ConnectInfo(peer)).layer(shared.app.clone()),
+        inner: shared
+            .answers
+            .connection()
+            .layer(Extension(ConnectInfo(peer)).layer(shared.app.clone())),
         activity: activity.clone(),
     });
     let connection = shared.http.serve_connection_with_upgrades(io, service);

@@ -331,6 +331,21 @@ fn each_bad_input_is_one_line_naming_the_key_and_its_source() {
                 "bad.toml",
             ),
             (
+                with_file("[server]\nmax_answer_bytes_per_connection = 4194304\n")?,
+                "server.max_answer_bytes_per_connection must be at least 4195333",
+                "bad.toml",
+            ),
+            (
+                with_file("[server]\nmax_answer_bytes_in_flight = 8388608\n")?,
+                "server.max_answer_bytes_in_flight must be at least server.max_answer_bytes_per_connection (16777216)",
+                "bad.toml",
+            ),
+            (
+                with_file("[server]\nsend_timeout = \"0s\"\n")?,
+                "server.send_timeout must be longer than 0s",
+                "bad.toml",
+            ),
+            (
                 with_file("[server]\nmax_control_frames = 99\n")?,
                 "server.max_control_frames must be at least 100",
                 "bad.toml",

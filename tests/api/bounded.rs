@@ -161,10 +161,10 @@ async fn a_list_page_ends_early_at_max_response_bytes_and_the_cursor_pages_on() 
 
 /// Held by the tests that measure this process's RSS, so that neither counts the other's
 /// memory (the tests of this binary run on parallel threads).
-static MEASURING_RSS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static MEASURING_RSS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The RSS of this process, which holds the server, in bytes.
-fn rss() -> usize {
+pub(crate) fn rss() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()

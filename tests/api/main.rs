@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server on 127.0.0.1:0, spoken to over TCP with the generated
 //! gRPC client, plain HTTP/1.1 and HTTP/2, and the real binaries.
 
+mod answers;
 mod auth;
 mod bad_input;
 mod binaries;
