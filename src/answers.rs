@@ -32,7 +32,7 @@ use tracing::debug;
 
 use crate::config::ServerSettings;
 use crate::http::{grpc_error, is_grpc};
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 
 /// The most bytes handed to hyper at once: one HTTP/2 DATA frame at the default frame size.
 const SLICE_BYTES: usize = 16 * 1024;
@@ -145,7 +145,9 @@ impl Connection {
         };
         let message = match over {
             Over::Connection => {
-                shared.metrics.refused(Limit::MaxAnswerBytesPerConnection);
+                shared
+                    .metrics
+                    .refused(LimitKey::MaxAnswerBytesPerConnection);
                 format!(
                     "{what}this connection has {} bytes of answers it has not taken, against \
                      server.max_answer_bytes_per_connection ({}); read them (or use another \
@@ -155,7 +157,7 @@ impl Connection {
                 )
             }
             Over::Server => {
-                shared.metrics.refused(Limit::MaxAnswerBytesInFlight);
+                shared.metrics.refused(LimitKey::MaxAnswerBytesInFlight);
                 format!(
                     "{what}server is busy: answers waiting for their clients hold {} bytes of \
                      server.max_answer_bytes_in_flight ({}); retry with backoff",
@@ -585,7 +587,7 @@ impl<F: Future> Future for Sending<F> {
         if watch.deadline.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        this.answers.0.metrics.refused(Limit::SendTimeout);
+        this.answers.0.metrics.refused(LimitKey::SendTimeout);
         debug!(
             held = this.stream.held.load(Ordering::Relaxed),
             send_timeout = %humantime::format_duration(timeout),

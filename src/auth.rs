@@ -293,7 +293,11 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
         return next.run(request).await;
     };
     let caller = match bearer(presented.as_ref()) {
-        Ok(token) => auth.0.keyring.identify(token).ok_or(Refusal::UnknownToken),
+        Ok(token) => auth
+            .0
+            .keyring
+            .identify(token)
+            .ok_or(TokenRefusal::UnknownToken),
         Err(refusal) => Err(refusal),
     };
     let caller = match caller {
@@ -323,29 +327,29 @@ pub async fn authenticate(State(auth): State<Auth>, mut request: Request, next: 
 
 /// The token of an `authorization: Bearer <token>` header. The scheme is case-insensitive
 /// (RFC 9110); the token is not.
-fn bearer(header: Option<&HeaderValue>) -> Result<&str, Refusal> {
-    let header = header.ok_or(Refusal::Missing)?;
-    let value = header.to_str().map_err(|_| Refusal::Malformed)?;
-    let (scheme, token) = value.split_once(' ').ok_or(Refusal::Malformed)?;
+fn bearer(header: Option<&HeaderValue>) -> Result<&str, TokenRefusal> {
+    let header = header.ok_or(TokenRefusal::Missing)?;
+    let value = header.to_str().map_err(|_| TokenRefusal::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(TokenRefusal::Malformed)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(Refusal::Malformed);
+        return Err(TokenRefusal::Malformed);
     }
     let token = token.trim();
     if token.is_empty() {
-        return Err(Refusal::Malformed);
+        return Err(TokenRefusal::Malformed);
     }
     Ok(token)
 }
 
 /// Why a request is unauthenticated. The messages never quote what was presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+enum TokenRefusal {
     Missing,
     Malformed,
     UnknownToken,
 }
 
-impl Refusal {
+impl TokenRefusal {
     fn message(self) -> &'static str {
         match self {
             Self::Missing => {
@@ -500,9 +504,13 @@ mod tests {
         let value = |s: &str| HeaderValue::from_str(s).unwrap();
         assert_eq!(bearer(Some(&value("Bearer abc"))), Ok("abc"));
         assert_eq!(bearer(Some(&value("bearer  abc "))), Ok("abc"));
-        assert_eq!(bearer(None), Err(Refusal::Missing));
+        assert_eq!(bearer(None), Err(TokenRefusal::Missing));
         for bad in ["Basic abc", "Bearer", "Bearer ", "abc"] {
-            assert_eq!(bearer(Some(&value(bad))), Err(Refusal::Malformed), "{bad}");
+            assert_eq!(
+                bearer(Some(&value(bad))),
+                Err(TokenRefusal::Malformed),
+                "{bad}"
+            );
         }
     }
 }

@@ -21,7 +21,7 @@ use serde_json::json;
 use tower::{Layer, Service};
 use tracing::debug;
 
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 use crate::telemetry::Escaped;
 
 /// The host names `server.allowed_hosts` lets through, besides IP addresses and loopback
@@ -150,7 +150,7 @@ async fn host_checked(State(check): State<HostCheck>, request: Request, next: Ne
     let Some(refused) = refused else {
         return next.run(request).await;
     };
-    check.metrics.refused(Limit::AllowedHosts);
+    check.metrics.refused(LimitKey::AllowedHosts);
     let host = String::from_utf8_lossy(refused);
     debug!(host = %Escaped(&host), path = %Escaped(request.uri().path()), "refused: Host not in server.allowed_hosts");
     let message = format!(

@@ -21,7 +21,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::guard::Guard;
-use crate::metrics::{CODES, Limit, Metrics, Rpc};
+use crate::metrics::{CODES, LimitKey, Metrics, Rpc};
 use crate::store::Store;
 
 /// The `Content-Type` of the OpenMetrics text format, served to scrapers that ask for it.
@@ -215,7 +215,7 @@ impl Collector for Scrape {
             None,
             MetricType::Counter,
         )?;
-        for limit in Limit::ALL {
+        for limit in LimitKey::ALL {
             let labels = [("limit", limit.key())];
             m.refusals[limit as usize].encode(refusals.encode_family(&labels)?)?;
         }

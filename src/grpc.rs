@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::caller::{Caller, client_key_of};
 use crate::config::{Limits, Role};
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 use crate::pb::change_event::ChangeType;
 use crate::pb::key_value_store_server::{KeyValueStore, KeyValueStoreServer};
 use crate::pb::{
@@ -101,10 +101,10 @@ impl KvService {
     }
 
     fn check_key_size(&self, what: &str, key: &str) -> Result<(), Status> {
-        self.check_size(what, key, self.limits.max_key_bytes, Limit::MaxKeyBytes)
+        self.check_size(what, key, self.limits.max_key_bytes, LimitKey::MaxKeyBytes)
     }
 
-    fn check_size(&self, what: &str, s: &str, max: usize, limit: Limit) -> Result<(), Status> {
+    fn check_size(&self, what: &str, s: &str, max: usize, limit: LimitKey) -> Result<(), Status> {
         if s.len() > max {
             self.metrics.refused(limit);
             return Err(Status::invalid_argument(format!(
@@ -142,7 +142,7 @@ impl KvService {
             "value",
             value,
             self.limits.max_value_bytes,
-            Limit::MaxValueBytes,
+            LimitKey::MaxValueBytes,
         )?;
         let expected_mod_revision = expected_mod_revision
             .map(|r| revision_arg("expected_mod_revision", r))
@@ -345,7 +345,7 @@ impl KeyValueStore for KvService {
             // INTERNAL, as tonic answers a message that does not decode in every other method.
             Err(Unread::Malformed(error)) => return Err(Status::internal(error.to_string())),
             Err(Unread::TooMany(count)) => {
-                self.metrics.refused(Limit::MaxBatchOps);
+                self.metrics.refused(LimitKey::MaxBatchOps);
                 return Err(Status::invalid_argument(format!(
                     "batch has {count} ops, over the limit of {} (limits.max_batch_ops)",
                     self.limits.max_batch_ops
@@ -377,7 +377,7 @@ impl KeyValueStore for KvService {
             .store
             .batch(ops, self.limits.max_response_bytes)
             .map_err(|too_large| {
-                self.metrics.refused(Limit::MaxResponseBytes);
+                self.metrics.refused(LimitKey::MaxResponseBytes);
                 Status::resource_exhausted(too_large.to_string())
             })?;
         let mut response = Response::new(BatchReply { results, revision });
@@ -472,7 +472,7 @@ impl KeyValueStore for KvService {
         };
         // Taken before the store's place, and given back if that is refused.
         let share = self.shares.take(client).map_err(|at_share| {
-            self.metrics.refused(Limit::SubscriptionsMaxPerClient);
+            self.metrics.refused(LimitKey::SubscriptionsMaxPerClient);
             Status::resource_exhausted(at_share.to_string())
         })?;
         let subscription = self
@@ -480,7 +480,7 @@ impl KeyValueStore for KvService {
             .subscribe(key_pattern, start)
             .map_err(|err| match err {
                 SubscribeError::TooMany(_) => {
-                    self.metrics.refused(Limit::SubscriptionsMax);
+                    self.metrics.refused(LimitKey::SubscriptionsMax);
                     Status::resource_exhausted(err.to_string())
                 }
                 SubscribeError::Compacted { oldest, .. } => with_trailer(
@@ -699,8 +699,8 @@ mod tests {
         }
         assert!(svc.store.is_empty());
         // An empty key is invalid, not over a limit.
-        assert_eq!(svc.metrics.refusals(Limit::MaxKeyBytes), 1);
-        assert_eq!(svc.metrics.refusals(Limit::MaxValueBytes), 1);
+        assert_eq!(svc.metrics.refusals(LimitKey::MaxKeyBytes), 1);
+        assert_eq!(svc.metrics.refusals(LimitKey::MaxValueBytes), 1);
         let get = Request::new(GetRequest { key: String::new() });
         assert_eq!(
             svc.get(get).await.unwrap_err().code(),

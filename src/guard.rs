@@ -24,7 +24,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::http::grpc_error;
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 
 /// The gRPC deadline header; a constant, so looking it up parses no header name.
 static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -89,7 +89,7 @@ impl Guard {
     }
 
     /// Admits a call, or says why not.
-    fn enter(&self) -> Result<Admitted, Refusal> {
+    fn enter(&self) -> Result<Admitted, Shed> {
         let max = self.0.max_in_flight;
         self.0
             .calls
@@ -99,15 +99,15 @@ impl Guard {
             .map(|_| Admitted(self.clone()))
             .map_err(|n| {
                 if n & CLOSED != 0 {
-                    Refusal::Closed
+                    Shed::Closed
                 } else {
-                    Refusal::Full
+                    Shed::Full
                 }
             })
     }
 }
 
-enum Refusal {
+enum Shed {
     /// Shutdown has begun.
     Closed,
     /// `server.max_in_flight` calls are running.
@@ -165,13 +165,13 @@ where
         let shared = &self.guard.0;
         let admitted = match self.guard.enter() {
             Ok(admitted) => admitted,
-            Err(Refusal::Closed) => {
+            Err(Shed::Closed) => {
                 return Guarding::refused(Status::unavailable(
                     "server is shutting down; reconnect to another instance",
                 ));
             }
-            Err(Refusal::Full) => {
-                shared.metrics.refused(Limit::MaxInFlight);
+            Err(Shed::Full) => {
+                shared.metrics.refused(LimitKey::MaxInFlight);
                 return Guarding::refused(Status::resource_exhausted(format!(
                     "server is busy: {} requests in flight (server.max_in_flight); retry with backoff",
                     shared.max_in_flight
@@ -181,7 +181,7 @@ where
         let client = client_timeout(&request);
         let timeout = client.map_or(shared.timeout, |t| t.min(shared.timeout));
         Guarding {
-            state: State::Running {
+            state: Stage::Running {
                 call: self.inner.call(request),
                 started: Instant::now(),
                 deadline: None,
@@ -198,14 +198,14 @@ pin_project! {
     /// A guarded call: refused at once, or running against its deadline with its place.
     pub struct Guarding<F> {
         #[pin]
-        state: State<F>,
+        state: Stage<F>,
     }
 }
 
 impl<F> Guarding<F> {
     fn refused(status: Status) -> Self {
         Self {
-            state: State::Refused {
+            state: Stage::Refused {
                 response: Some(grpc_error(status)),
             },
         }
@@ -213,8 +213,8 @@ impl<F> Guarding<F> {
 }
 
 pin_project! {
-    #[project = StateProj]
-    enum State<F> {
+    #[project = StageProj]
+    enum Stage<F> {
         // Shed before it started; the refusal, until it is returned.
         Refused { response: Option<Response> },
         // Running; its place is given back when the call answers or runs out of time.
@@ -238,10 +238,10 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Guarding<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Refused { response } => {
+            StageProj::Refused { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            StateProj::Running {
+            StageProj::Running {
                 call,
                 started,
                 deadline,
@@ -261,7 +261,7 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Guarding<F> {
                     return Poll::Pending;
                 }
                 if *server_deadline {
-                    admitted.0.0.metrics.refused(Limit::RequestTimeout);
+                    admitted.0.0.metrics.refused(LimitKey::RequestTimeout);
                 }
                 Poll::Ready(Ok(grpc_error(Status::deadline_exceeded(format!(
                     "request took longer than {}",
@@ -351,7 +351,7 @@ mod tests {
         assert_eq!(guard.in_flight(), 1);
         let shed = app.clone().oneshot(request(None)).await.unwrap();
         assert_eq!(grpc_status(&shed), Some("8"), "RESOURCE_EXHAUSTED");
-        assert_eq!(metrics.refusals(Limit::MaxInFlight), 1);
+        assert_eq!(metrics.refusals(LimitKey::MaxInFlight), 1);
         release.notify_one();
         let done = first.await.unwrap().unwrap();
         assert_eq!(grpc_status(&done), None);
@@ -400,7 +400,7 @@ mod tests {
         let app = guarded(guard, release);
         let timed_out = app.clone().oneshot(request(None)).await.unwrap();
         assert_eq!(grpc_status(&timed_out), Some("4"), "DEADLINE_EXCEEDED");
-        assert_eq!(metrics.refusals(Limit::RequestTimeout), 1);
+        assert_eq!(metrics.refusals(LimitKey::RequestTimeout), 1);
         let started = tokio::time::Instant::now();
         let shorter = app.oneshot(request(Some("50m"))).await.unwrap();
         assert_eq!(grpc_status(&shorter), Some("4"));
@@ -410,7 +410,7 @@ mod tests {
             "the client's shorter deadline wins"
         );
         assert_eq!(
-            metrics.refusals(Limit::RequestTimeout),
+            metrics.refusals(LimitKey::RequestTimeout),
             1,
             "the client's own deadline is not a refusal"
         );

@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 use tracing::debug;
 
 use crate::http::{grpc_error, is_grpc};
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 
 /// `server.max_header_bytes`, checked before routing: a request whose header list is larger
 /// (see [`header_list_size`]) is refused with `RESOURCE_EXHAUSTED` if it is a gRPC call and
@@ -77,7 +77,7 @@ where
                 },
             };
         }
-        self.limit.metrics.refused(Limit::MaxHeaderBytes);
+        self.limit.metrics.refused(LimitKey::MaxHeaderBytes);
         debug!(
             size,
             max,
@@ -236,6 +236,6 @@ mod tests {
             error.starts_with(&format!("request headers of {size} bytes are over the limit of {} bytes (server.max_header_bytes)", size - 1)),
             "{error}"
         );
-        assert_eq!(metrics.refusals(Limit::MaxHeaderBytes), 2);
+        assert_eq!(metrics.refusals(LimitKey::MaxHeaderBytes), 2);
     }
 }

@@ -16,7 +16,7 @@ use tonic::Status;
 use tracing::debug;
 
 use crate::http::grpc_error;
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 
 const WATCH_PATH: &str = "/grpc.health.v1.Health/Watch";
 
@@ -48,7 +48,7 @@ pub async fn limit(State(watches): State<HealthWatches>, request: Request, next:
     }
     let Ok(place) = watches.places.clone().try_acquire_owned() else {
         debug!("refused: server.max_health_watches");
-        watches.metrics.refused(Limit::MaxHealthWatches);
+        watches.metrics.refused(LimitKey::MaxHealthWatches);
         return grpc_error(Status::resource_exhausted(format!(
             "{} health Watch streams are open, all that server.max_health_watches allows; \
              use Check, or retry later",

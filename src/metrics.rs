@@ -149,7 +149,7 @@ impl Rpc {
 
 /// A configured limit that refused a request, as the `limit` label names it: its config key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
+pub enum LimitKey {
     /// `server.max_in_flight`: the call was shed.
     MaxInFlight,
     /// `server.request_timeout`: the call ran past the server's deadline (a client's own
@@ -209,7 +209,7 @@ pub enum Limit {
     SendTimeout,
 }
 
-impl Limit {
+impl LimitKey {
     pub(crate) const ALL: [Self; 22] = [
         Self::MaxInFlight,
         Self::RequestTimeout,
@@ -272,7 +272,7 @@ pub struct Metrics {
     pub(crate) calls: [[Counter; CODES.len()]; Rpc::ALL.len()],
     /// Call latency by [`Rpc`] (Subscribe's and Unknown's stay empty).
     pub(crate) latency: [Latency; Rpc::ALL.len()],
-    pub(crate) refusals: [Counter; Limit::ALL.len()],
+    pub(crate) refusals: [Counter; LimitKey::ALL.len()],
     pub(crate) events_delivered: Counter,
     pub(crate) connections: Family<[(&'static str, &'static str); 1], Gauge>,
     pub(crate) started: Instant,
@@ -305,13 +305,13 @@ impl Metrics {
     }
 
     /// Counts one request refused by `limit`.
-    pub fn refused(&self, limit: Limit) {
+    pub fn refused(&self, limit: LimitKey) {
         self.refusals[limit as usize].inc();
     }
 
     /// Requests refused by `limit` so far.
     #[cfg(test)]
-    pub(crate) fn refusals(&self, limit: Limit) -> u64 {
+    pub(crate) fn refusals(&self, limit: LimitKey) -> u64 {
         self.refusals[limit as usize].get()
     }
 
@@ -390,7 +390,7 @@ pub struct Connections(Gauge);
 impl Connections {
     /// Counts `connection` as open from now until it completes or is dropped.
     pub fn track<F: Future>(&self, connection: F) -> impl Future<Output = F::Output> + use<F> {
-        let open = Open::new(&self.0);
+        let open = OpenConnection::new(&self.0);
         async move {
             let _open = open;
             connection.await
@@ -398,16 +398,16 @@ impl Connections {
     }
 }
 
-struct Open(Gauge);
+struct OpenConnection(Gauge);
 
-impl Open {
+impl OpenConnection {
     fn new(gauge: &Gauge) -> Self {
         gauge.inc();
         Self(gauge.clone())
     }
 }
 
-impl Drop for Open {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.dec();
     }

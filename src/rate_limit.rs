@@ -29,7 +29,7 @@ use tracing::{debug, info};
 use crate::caller::{Caller, ClientKey, client_key_of};
 use crate::config::RateLimitSettings;
 use crate::http::{grpc_error, is_grpc, is_health_check};
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 
 /// How often buckets that have refilled are dropped. A full bucket is the same as no bucket,
 /// so dropping it forgets nothing; this is what bounds the memory to the clients seen in
@@ -188,7 +188,7 @@ impl ScanPayer {
                 Ok(()) => self.paid += ENTRIES_PER_REQUEST,
                 Err(wait) => {
                     debug!(client = ?key, ?wait, "snapshot or replay waits: rate limit");
-                    limit.0.metrics.refused(Limit::RatePerClient);
+                    limit.0.metrics.refused(LimitKey::RatePerClient);
                     self.wait = Some(Box::pin(tokio::time::sleep(wait)));
                 }
             }
@@ -209,7 +209,7 @@ impl RateLimit {
 
     fn refuse(&self, key: &ClientKey, request: &Request, wait: Duration) -> Response {
         debug!(client = ?key, path = request.uri().path(), "refused: rate limit");
-        self.0.metrics.refused(Limit::RatePerClient);
+        self.0.metrics.refused(LimitKey::RatePerClient);
         refuse(self.0.per_client, wait, is_grpc(request))
     }
 }
@@ -275,7 +275,7 @@ mod tests {
         let refused = app.oneshot(request()).await.unwrap();
         assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(refused.headers().contains_key(header::RETRY_AFTER));
-        assert_eq!(metrics.refusals(Limit::RatePerClient), 1);
+        assert_eq!(metrics.refusals(LimitKey::RatePerClient), 1);
     }
 
     #[test]
@@ -331,7 +331,7 @@ mod tests {
             "the burst pays"
         );
         assert!(pay(&mut payer, 3 * ENTRIES_PER_REQUEST).await.is_pending());
-        assert_eq!(metrics.refusals(Limit::RatePerClient), 1);
+        assert_eq!(metrics.refusals(LimitKey::RatePerClient), 1);
         // The bucket refills one request every 50 ms.
         let started = Instant::now();
         std::future::poll_fn(|cx| payer.poll_pay(3 * ENTRIES_PER_REQUEST, cx)).await;

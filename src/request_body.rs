@@ -25,7 +25,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::http::grpc_error;
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 
 /// The bytes before each gRPC message: a compressed flag and a 4-byte length.
 pub const PREFIX_BYTES: usize = 5;
@@ -92,7 +92,7 @@ impl RequestBodies {
                 n.checked_add(more).filter(|&n| n <= shared.max_bytes)
             });
         if taken.is_err() {
-            shared.metrics.refused(Limit::MaxRequestBytesInFlight);
+            shared.metrics.refused(LimitKey::MaxRequestBytesInFlight);
             return Err(Status::resource_exhausted(format!(
                 "server is busy receiving other requests: a message of {bytes} bytes does not fit in \
                  the {} bytes of server.max_request_bytes_in_flight; retry with backoff",
@@ -109,7 +109,7 @@ impl RequestBodies {
     }
 
     fn timed_out(&self) -> Status {
-        self.0.metrics.refused(Limit::RequestBodyTimeout);
+        self.0.metrics.refused(LimitKey::RequestBodyTimeout);
         Status::deadline_exceeded(format!(
             "the request message did not arrive within {} (server.request_body_timeout); \
              nothing was processed",
@@ -622,7 +622,7 @@ mod tests {
                 .message()
                 .contains("server.max_request_bytes_in_flight")
         );
-        assert_eq!(metrics.refusals(Limit::MaxRequestBytesInFlight), 1);
+        assert_eq!(metrics.refusals(LimitKey::MaxRequestBytesInFlight), 1);
         bodies.cover(&mut b, 40).unwrap();
         assert_eq!(bodies.in_flight(), 100);
         drop(a);

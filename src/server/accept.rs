@@ -12,7 +12,7 @@ use axum::http::header::{CONNECTION, RETRY_AFTER};
 use axum::http::{HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -22,12 +22,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::caller::peer_key;
 use crate::answers::{Answers, StreamExecutor};
+use crate::caller::peer_key;
 use crate::config::{Cidr, MIN_HEADER_BYTES, ServerSettings};
 use crate::header_limit::HeaderLimited;
 use crate::http;
-use crate::metrics::{Connections, Limit, Metrics};
+use crate::metrics::{Connections, LimitKey, Metrics};
 use crate::open_files;
 
 use super::conn::connection;
@@ -225,7 +225,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a connection was refused as soon as it was accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+enum ConnectionRefusal {
     /// `server.max_connections` are open on this listener.
     MaxConnections,
     /// The open-file limit's cap on every listener's connections together is reached.
@@ -234,13 +234,13 @@ enum Refusal {
     PerAddress,
 }
 
-impl Refusal {
+impl ConnectionRefusal {
     /// The limit it is counted under: the open-file cap is `server.max_connections`,
     /// lowered.
-    fn limit(self) -> Limit {
+    fn limit(self) -> LimitKey {
         match self {
-            Self::MaxConnections | Self::OpenFiles => Limit::MaxConnections,
-            Self::PerAddress => Limit::MaxConnectionsPerAddress,
+            Self::MaxConnections | Self::OpenFiles => LimitKey::MaxConnections,
+            Self::PerAddress => LimitKey::MaxConnectionsPerAddress,
         }
     }
 
@@ -274,12 +274,12 @@ impl Listener {
     /// Admits a connection from `ip` with `open` connections on this listener already, or
     /// says which limit refuses it. The table-wide limits are checked first: when the table
     /// is full that is what the client should hear.
-    fn admit(&self, open: usize, ip: IpAddr) -> Result<Slots, Refusal> {
+    fn admit(&self, open: usize, ip: IpAddr) -> Result<Slots, ConnectionRefusal> {
         if open >= self.max_connections {
-            return Err(Refusal::MaxConnections);
+            return Err(ConnectionRefusal::MaxConnections);
         }
         let file = match &self.files {
-            Some(files) => Some(FileCap::take(files).ok_or(Refusal::OpenFiles)?),
+            Some(files) => Some(FileCap::take(files).ok_or(ConnectionRefusal::OpenFiles)?),
             None => None,
         };
         let address = self.per_address.take(ip)?;
@@ -362,7 +362,7 @@ struct PerAddress {
 impl PerAddress {
     /// A place for one more connection from `ip`; `None` for a trusted proxy, which takes
     /// none.
-    fn take(&self, ip: IpAddr) -> Result<Option<AddressSlot>, Refusal> {
+    fn take(&self, ip: IpAddr) -> Result<Option<AddressSlot>, ConnectionRefusal> {
         if self.trusted.iter().any(|net| net.contains(ip)) {
             return Ok(None);
         }
@@ -373,7 +373,7 @@ impl PerAddress {
             .expect("never poisoned: no panic while held");
         let count = open.entry(key).or_insert(0);
         if *count >= self.cap {
-            return Err(Refusal::PerAddress);
+            return Err(ConnectionRefusal::PerAddress);
         }
         *count += 1;
         Ok(Some(AddressSlot {
@@ -410,7 +410,12 @@ impl Drop for AddressSlot {
 /// GOAWAY). A real answer, rather than a GOAWAY's debug data, is what reaches the caller:
 /// tonic reports a GOAWAY as a bare "h2 protocol error". All of it is bounded by
 /// [`REFUSAL_TIME`]; a client that asks nothing in time is closed without a word.
-async fn refuse(stream: TcpStream, peer: SocketAddr, why: Refusal, shared: Arc<Listener>) {
+async fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    why: ConnectionRefusal,
+    shared: Arc<Listener>,
+) {
     let answered = tokio::time::timeout(REFUSAL_TIME, async {
         match &shared.tls {
             None => answer_refusal(TokioIo::new(stream), why, &shared).await,
@@ -427,7 +432,7 @@ async fn refuse(stream: TcpStream, peer: SocketAddr, why: Refusal, shared: Arc<L
 }
 
 /// Serves `io` with [`refusal`] until it has answered once, then closes it gracefully.
-async fn answer_refusal<IO>(io: IO, why: Refusal, shared: &Listener)
+async fn answer_refusal<IO>(io: IO, why: ConnectionRefusal, shared: &Listener)
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -497,7 +502,7 @@ impl Throttled {
     }
 }
 
-/// Connections refused since the last warning, by [`Refusal`].
+/// Connections refused since the last warning, by [`ConnectionRefusal`].
 #[derive(Default)]
 struct Refusals([Throttled; 3]);
 
@@ -506,7 +511,7 @@ impl Refusals {
         &mut self,
         listener: &'static str,
         peer: SocketAddr,
-        why: Refusal,
+        why: ConnectionRefusal,
         shared: &Listener,
     ) {
         let limit = why.limit().key();
@@ -515,19 +520,19 @@ impl Refusals {
             return;
         };
         match why {
-            Refusal::MaxConnections => warn!(
+            ConnectionRefusal::MaxConnections => warn!(
                 listener,
                 max_connections = shared.max_connections,
                 refused,
                 "refusing connections: server.max_connections are open"
             ),
-            Refusal::OpenFiles => warn!(
+            ConnectionRefusal::OpenFiles => warn!(
                 listener,
                 connection_cap = shared.files.as_ref().map(|files| files.cap),
                 refused,
                 "refusing connections: the open-file limit's connection cap is reached (see the start-up warning)"
             ),
-            Refusal::PerAddress => warn!(
+            ConnectionRefusal::PerAddress => warn!(
                 listener,
                 max_connections_per_address = shared.per_address.cap,
                 refused,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer as _, Service};
 use tracing::debug;
 
-use crate::metrics::Limit;
+use crate::metrics::LimitKey;
 
 use super::accept::Listener;
 use super::partial;
@@ -55,7 +55,7 @@ pub(super) async fn connection(
             }
             Err(_) => {
                 debug!(listener = shared.name, %peer, "TLS handshake took longer than server.handshake_timeout");
-                shared.metrics.refused(Limit::HandshakeTimeout);
+                shared.metrics.refused(LimitKey::HandshakeTimeout);
                 return;
             }
         },
@@ -129,7 +129,7 @@ async fn serve_http<IO>(
                     (Phase::Serving, Quiet::NeverUsed) if now >= accepted + shared.handshake_timeout => {
                         // Nothing was asked, so there is nothing to finish gracefully.
                         debug!(listener = shared.name, %peer, "no request within server.handshake_timeout, closing");
-                        shared.metrics.refused(Limit::HandshakeTimeout);
+                        shared.metrics.refused(LimitKey::HandshakeTimeout);
                         return;
                     }
                     (Phase::Serving, Quiet::Since(at)) if shared.idle_timeout.is_some_and(|idle| now >= at + idle) => {
@@ -149,11 +149,11 @@ async fn serve_http<IO>(
     if activity.partial_timed_out.load(Ordering::Relaxed) {
         // Its reads failed: hyper has dropped the connection without a word.
         debug!(listener = shared.name, %peer, "a request or frame partly received for longer than server.handshake_timeout, closed");
-        shared.metrics.refused(Limit::HandshakeTimeout);
+        shared.metrics.refused(LimitKey::HandshakeTimeout);
     } else if activity.control_flood.load(Ordering::Relaxed) {
         // Closed with a GOAWAY (ENHANCE_YOUR_CALM) written by `partial`, if the socket took it.
         debug!(listener = shared.name, %peer, "HTTP/2 frames that do no work spent server.max_control_frames, closed");
-        shared.metrics.refused(Limit::MaxControlFrames);
+        shared.metrics.refused(LimitKey::MaxControlFrames);
     } else if let Err(err) = result {
         debug!(listener = shared.name, %peer, error = %err, "connection closed with an error");
     }
@@ -203,7 +203,7 @@ impl Activity {
     }
 
     pub(super) fn quiet(&self) -> Quiet {
-        // Acquire pairs with the Release in `Open::drop`: a request seen ended has its
+        // Acquire pairs with the Release in `OpenRequest::drop`: a request seen ended has its
         // end time stored.
         if self.open.load(Ordering::Acquire) > 0 {
             return Quiet::Busy;
@@ -217,16 +217,16 @@ impl Activity {
 
 /// One open request: from the service call until its response body is dropped, so a
 /// Subscribe stream counts for as long as it is open.
-struct Open(Arc<Activity>);
+struct OpenRequest(Arc<Activity>);
 
-impl Open {
+impl OpenRequest {
     fn new(activity: Arc<Activity>) -> Self {
         activity.open.fetch_add(1, Ordering::Relaxed);
         Self(activity)
     }
 }
 
-impl Drop for Open {
+impl Drop for OpenRequest {
     fn drop(&mut self) {
         let activity = &self.0;
         let nanos = u64::try_from(activity.epoch.elapsed().as_nanos()).unwrap_or(NEVER - 1);
@@ -257,18 +257,18 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         TrackedFuture {
-            open: Some(Open::new(self.activity.clone())),
+            open: Some(OpenRequest::new(self.activity.clone())),
             future: self.inner.call(request),
         }
     }
 }
 
 pin_project! {
-    /// The response future; hands its [`Open`] on to the body.
+    /// The response future; hands its [`OpenRequest`] on to the body.
     struct TrackedFuture<F> {
         #[pin]
         future: F,
-        open: Option<Open>,
+        open: Option<OpenRequest>,
     }
 }
 
@@ -291,7 +291,7 @@ pin_project! {
     struct TrackedBody<B> {
         #[pin]
         body: B,
-        _open: Option<Open>,
+        _open: Option<OpenRequest>,
     }
 }
 

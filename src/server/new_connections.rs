@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use crate::caller::peer_key;
 use crate::config::{Cidr, ServerSettings};
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{LimitKey, Metrics};
 
 /// How often addresses whose bucket has refilled are forgotten: a full bucket is the same as
 /// none, so this bounds the memory to the addresses seen in about the last interval.
@@ -86,7 +86,7 @@ impl NewConnections {
         if admitted {
             return true;
         }
-        self.metrics.refused(Limit::NewConnectionsPerAddress);
+        self.metrics.refused(LimitKey::NewConnectionsPerAddress);
         debug!(listener = self.listener, address = %key, "closed a connection: server.new_connections_per_address");
         chores.closed_since_warning += 1;
         if chores.warned.is_none_or(|at| at.elapsed() >= WARNING_EVERY) {
@@ -125,7 +125,7 @@ mod tests {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         assert!((0..3).all(|_| rate.admit(a)));
         assert!(!rate.admit(a));
-        assert_eq!(rate.metrics.refusals(Limit::NewConnectionsPerAddress), 1);
+        assert_eq!(rate.metrics.refusals(LimitKey::NewConnectionsPerAddress), 1);
         assert!(rate.admit("192.0.2.2".parse().unwrap()), "another address");
         let proxy: IpAddr = "192.0.2.9".parse().unwrap();
         assert!((0..10).all(|_| rate.admit(proxy)), "a trusted proxy");
