@@ -4,7 +4,8 @@
 # turn (never-reading subscribers, silent connections, a flooder past its rate limit, and the
 # kinds of issues #20 and #21: body-less calls, zero windows, snapshot and replay churn,
 # control-frame floods, partial health messages, one source's connections, log floods,
-# subscription hogs, prefix lengths) for MINUTES minutes. Prints the server's RSS
+# subscription hogs, prefix lengths; and issue #13's Batch and List calls asking for
+# answers far over limits.max_response_bytes) for MINUTES minutes. Prints the server's RSS
 # and open subscriptions and connections every 10 s, the load tool's reports, the metrics
 # counters at the end, and the RSS once every client has left. Every process it starts is
 # stopped by its PID.
@@ -83,7 +84,8 @@ done
 # rounds of 15 s per kind and pair, so as many pairs as fit in the soak (at least one).
 kinds=never-reading,silent,flood,all,body-less,zero-window,snapshot-churn,control-flood
 kinds+=,partial-health,one-source,log-flood,subscription-hog,replay-churn,prefix-lengths
-repeat=$(((seconds - 10) / (14 * 30)))
+kinds+=,big-answers
+repeat=$(((seconds - 10) / (15 * 30)))
 ((repeat >= 1)) || repeat=1
 "$bench" hostile --server "$main" --server-pid "$server_pid" --server-log "$work/server.log" \
   --source 127.0.0.1 --hostile-source 127.0.0.2 --hostile "$kinds" \

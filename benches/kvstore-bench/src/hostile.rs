@@ -72,6 +72,10 @@ pub enum Hostile {
     ReplayChurn,
     /// Idle subscriptions at every prefix length `a`, `aa`, ... up to --prefix-lengths.
     PrefixLengths,
+    /// --big-answers-connections clients, each calling in a loop a Batch of 500 Gets of
+    /// 1 MiB values and a List of those values with a limit of 10,000: answers of hundreds
+    /// of megabytes without the server's limits.max_response_bytes. They read every answer.
+    BigAnswers,
 }
 
 impl Hostile {
@@ -101,6 +105,12 @@ pub enum ControlFrame {
 const SNAPSHOT_PREFIX: &str = "hostile/snapshot/";
 const ZERO_WINDOW_PREFIX: &str = "hostile/zero-window/";
 const REPLAY_PREFIX: &str = "hostile/replay/";
+const BIG_PREFIX: &str = "hostile/big/";
+
+/// big-answers: the large values under [`BIG_PREFIX`], and their size (the server's default
+/// limits.max_value_bytes).
+const BIG_VALUES: usize = 8;
+const BIG_VALUE_BYTES: usize = 1 << 20;
 
 /// How long the well-behaved client's probe Subscribe may take to open.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -256,6 +266,10 @@ pub struct HostileArgs {
     /// prefix-lengths: idle subscriptions, one at each prefix length `a`, `aa`, ...
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub prefix_lengths: u32,
+
+    /// big-answers: connections, each with one Batch or List of a large answer in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub big_answers_connections: u32,
 }
 
 pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
@@ -363,6 +377,10 @@ async fn prepare(client: &Client, args: &HostileArgs) -> anyhow::Result<()> {
         );
         let keys = (0..args.replay_history).map(|i| format!("{REPLAY_PREFIX}{}", i % 1000));
         set_all(client, keys, "r".repeat(16), 1000).await?;
+    }
+    if chosen(Hostile::BigAnswers) {
+        let keys = (0..BIG_VALUES).map(|i| format!("{BIG_PREFIX}{i}"));
+        set_all(client, keys, "b".repeat(BIG_VALUE_BYTES), 1).await?;
     }
     Ok(())
 }

@@ -291,6 +291,7 @@ impl Running {
             }
             Hostile::ReplayChurn => streams::replay_churn(plan, tasks, counts, stop).await?,
             Hostile::PrefixLengths => streams::prefix_lengths(plan, tasks, counts, stop).await?,
+            Hostile::BigAnswers => streams::big_answers(plan, tasks, counts, stop).await?,
         }
         Ok(running)
     }

@@ -1,25 +1,33 @@
 //! Hostile kinds that are plain gRPC clients (tonic) from the hostile address: subscriptions
-//! in bulk, snapshots and replays cancelled as soon as they start.
+//! in bulk, snapshots and replays cancelled as soon as they start, unary calls asking for
+//! answers far over the server's limit.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kvstore::grpc::OLDEST_REVISION_TRAILER;
-use kvstore::pb::SubscribeRequest;
+use kvstore::pb::{BatchOp, BatchRequest, GetRequest, ListRequest, SubscribeRequest, batch_op};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use super::attack::{Counts, Plan};
-use super::{REPLAY_PREFIX, SNAPSHOT_PREFIX};
-use crate::connect::{Client, STREAMS_PER_CONNECTION, SUBSCRIBE_AT_ONCE};
+use super::{BIG_PREFIX, BIG_VALUES, REPLAY_PREFIX, SNAPSHOT_PREFIX};
+use crate::connect::{Client, MAX_MESSAGE_BYTES, STREAMS_PER_CONNECTION, SUBSCRIBE_AT_ONCE};
 
 /// How long a churned Subscribe may take to open and send its first message.
 const CHURN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Subscribe calls of a churning kind in flight at once.
 const CHURN_IN_FLIGHT: usize = 256;
+
+/// big-answers: Gets in each Batch, cycling over the large values (500 of 1 MiB: about
+/// 500 MB of answer).
+const BIG_BATCH_GETS: usize = 500;
+
+/// big-answers: the `limit` of each List, the server's default `limits.max_page`.
+const BIG_LIST_LIMIT: u32 = 10_000;
 
 fn code_name(status: &Status) -> String {
     format!("{:?}", status.code())
@@ -224,4 +232,70 @@ pub async fn replay_churn(
         }
     };
     churn(plan, plan.args.replay_rate, call, tasks, counts, stop).await
+}
+
+/// big-answers: --big-answers-connections connections, each calling in turn a Batch of
+/// [`BIG_BATCH_GETS`] Gets of the large values and a List of their prefix with a limit of
+/// [`BIG_LIST_LIMIT`], until `stop`, reading every answer; counts the Batches refused (and
+/// whether for `limits.max_response_bytes`) and the List pages by their item count.
+pub async fn big_answers(
+    plan: &Arc<Plan>,
+    tasks: &mut JoinSet<()>,
+    counts: &Counts,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let ops: Vec<BatchOp> = (0..BIG_BATCH_GETS)
+        .map(|i| BatchOp {
+            op: Some(batch_op::Op::Get(GetRequest {
+                key: format!("{BIG_PREFIX}{}", i % BIG_VALUES),
+            })),
+        })
+        .collect();
+    for _ in 0..plan.args.big_answers_connections {
+        // Its decoder takes any answer the server sends: the server's limit is what is tried.
+        let mut client = plan
+            .client(plan.endpoint.clone())
+            .await?
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (ops, counts, stop) = (ops.clone(), counts.clone(), stop.clone());
+        tasks.spawn(async move {
+            loop {
+                let batch = client.batch(BatchRequest { ops: ops.clone() });
+                let outcome = tokio::select! {
+                    () = stop.cancelled() => return,
+                    outcome = batch => outcome,
+                };
+                counts.add(match outcome {
+                    Ok(answer) => {
+                        format!("Batch answered: {} results", answer.get_ref().results.len())
+                    }
+                    Err(status)
+                        if status.code() == Code::ResourceExhausted
+                            && status.message().contains("limits.max_response_bytes") =>
+                    {
+                        "Batch refused: ResourceExhausted (limits.max_response_bytes)".into()
+                    }
+                    Err(status) => format!("Batch refused: {}", code_name(&status)),
+                });
+                let list = client.list(ListRequest {
+                    prefix: BIG_PREFIX.into(),
+                    limit: BIG_LIST_LIMIT,
+                    ..ListRequest::default()
+                });
+                let outcome = tokio::select! {
+                    () = stop.cancelled() => return,
+                    outcome = list => outcome,
+                };
+                counts.add(match outcome {
+                    Ok(page) => {
+                        let page = page.into_inner();
+                        let more = if page.more { ", more" } else { "" };
+                        format!("List page: {} items{more}", page.items.len())
+                    }
+                    Err(status) => format!("List refused: {}", code_name(&status)),
+                });
+            }
+        });
+    }
+    Ok(())
 }
