@@ -1,13 +1,12 @@
 //! The load tool against a real server in this process (the library's `bind`/`run`, on
 //! 127.0.0.1:0): what its figures rest on, not the figures themselves.
 
+mod common;
+
 use std::time::Duration;
 
-use kvstore::config::Settings;
 use kvstore::pb::GetRequest;
 use kvstore::pb::key_value_store_client::KeyValueStoreClient;
-use kvstore::startup::Startup;
-use tokio::sync::oneshot;
 
 /// How long the tool and the server's drain may take before the test fails instead of hanging.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -17,17 +16,8 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// call of a run must come back whole and counted as it was sent.
 #[tokio::test]
 async fn the_load_tools_batches_come_back_counted_as_sent() {
-    let mut settings = Settings::default();
-    settings.server.listen = "127.0.0.1:0".parse().unwrap();
-    settings.server.health_listen = None;
-    settings.shutdown.drain_timeout = Duration::from_secs(5);
-    let startup = Startup::from_settings(settings).unwrap();
-    let server = kvstore::server::bind(startup).await.unwrap();
-    let addr = server.listen_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let server = common::spawn_server().await;
+    let addr = server.addr;
 
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvstore-bench"))
         .args(["batch", "--server", &addr.to_string()])
@@ -61,10 +51,5 @@ async fn the_load_tools_batches_come_back_counted_as_sent() {
     assert!(reply.found);
 
     drop(client);
-    stop.send(()).unwrap();
-    tokio::time::timeout(PATIENCE, running)
-        .await
-        .expect("the server drains in time")
-        .unwrap()
-        .unwrap();
+    server.shutdown(PATIENCE).await;
 }

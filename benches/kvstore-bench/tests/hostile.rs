@@ -1,11 +1,9 @@
 //! The load tool's hostile kinds against a real server in this process (the library's
 //! `bind`/`run`, on 127.0.0.1:0): that each does what its figures claim it does.
 
-use std::time::Duration;
+mod common;
 
-use kvstore::config::Settings;
-use kvstore::startup::Startup;
-use tokio::sync::oneshot;
+use std::time::Duration;
 
 /// How long the tool and the server's drain may take before the test fails instead of hanging.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -15,17 +13,8 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// List gets a short page of the 1 MiB values, which the attacker reads.
 #[tokio::test]
 async fn big_answers_get_refused_batches_and_short_pages() {
-    let mut settings = Settings::default();
-    settings.server.listen = "127.0.0.1:0".parse().unwrap();
-    settings.server.health_listen = None;
-    settings.shutdown.drain_timeout = Duration::from_secs(5);
-    let startup = Startup::from_settings(settings).unwrap();
-    let server = kvstore::server::bind(startup).await.unwrap();
-    let addr = server.listen_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let server = common::spawn_server().await;
+    let addr = server.addr;
 
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvstore-bench"))
         .args(["--json", "hostile", "--server", &addr.to_string()])
@@ -54,10 +43,5 @@ async fn big_answers_get_refused_batches_and_short_pages() {
     }
     assert_eq!(counts.len(), expected.len(), "only those: {with}");
 
-    stop.send(()).unwrap();
-    tokio::time::timeout(PATIENCE, running)
-        .await
-        .expect("the server drains in time")
-        .unwrap()
-        .unwrap();
+    server.shutdown(PATIENCE).await;
 }
