@@ -57,17 +57,21 @@ struct Shared {
     held: AtomicUsize,
     max: usize,
     per_connection: usize,
+    /// The largest answer a call can build: a call starts only where one this large fits.
+    largest: usize,
     send_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Answers {
-    /// The budget of `settings`; refusals and resets are counted in `metrics`.
-    pub fn new(settings: &ServerSettings, metrics: Arc<Metrics>) -> Self {
+    /// The budget of `settings`, for answers of at most `largest` bytes (encoded, framing
+    /// included); refusals and resets are counted in `metrics`.
+    pub fn new(settings: &ServerSettings, largest: usize, metrics: Arc<Metrics>) -> Self {
         Self(Arc::new(Shared {
             held: AtomicUsize::new(0),
             max: settings.max_answer_bytes_in_flight,
             per_connection: settings.max_answer_bytes_per_connection,
+            largest,
             send_timeout: settings.send_timeout,
             metrics,
         }))
@@ -109,16 +113,18 @@ enum Over {
 }
 
 impl Connection {
-    /// Whether a new call may start: not while this connection's answers fill its share, nor
-    /// while the server's budget is spent and this connection holds any of it (one that has
-    /// taken all its answers keeps being served; its large answers still need room).
+    /// Whether a new call may start: only while the largest answer it could build still fits
+    /// in this connection's share, and, if this connection holds any of the server's budget,
+    /// in that budget too (one that has taken all its answers keeps being served). Checked
+    /// before the call, not only once its answer is built: building answers that are then
+    /// thrown away is the work a client that never reads would make the server do.
     fn admit(&self) -> Result<(), Over> {
         let shared = &self.answers.0;
         let held = self.held.load(Ordering::Relaxed);
-        if held >= shared.per_connection {
+        if held + shared.largest > shared.per_connection {
             return Err(Over::Connection);
         }
-        if held > 0 && shared.held.load(Ordering::Relaxed) >= shared.max {
+        if held > 0 && shared.held.load(Ordering::Relaxed) + shared.largest > shared.max {
             return Err(Over::Server);
         }
         Ok(())

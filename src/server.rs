@@ -40,7 +40,7 @@ use crate::metrics::{Metrics, Rpc, RpcLayer};
 use crate::pb;
 use crate::pb::key_value_store_server::KeyValueStoreServer;
 use crate::rate_limit::{self, RateLimit};
-use crate::request_body::RequestBodies;
+use crate::request_body::{self, RequestBodies};
 use crate::share::Shares;
 use crate::startup::Startup;
 use crate::store::Store;
@@ -159,7 +159,8 @@ impl Server {
         };
         let files = open_file_cap(&settings.server, 1 + usize::from(health.is_some()));
         info!(listener = "main", addr = %main.local_addr()?, serves = "gRPC and HTTP", tls = tls_mode, "listening");
-        let answers = Answers::new(&settings.server, metrics.clone());
+        let largest = grpc::max_answer_bytes(&settings.limits) + request_body::PREFIX_BYTES;
+        let answers = Answers::new(&settings.server, largest, metrics.clone());
         let main_listener = Listener::new(
             "main",
             app,
