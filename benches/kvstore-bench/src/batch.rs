@@ -16,7 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use crate::connect::{MAX_MESSAGE_BYTES, client, connect_channels, join_all, progress_bar};
+use crate::connect::{MAX_MESSAGE_BYTES, connect_channels, join_all, progress_bar};
 use crate::load_keys::preload;
 use crate::pacing::Schedule;
 use crate::process::CpuWatch;
@@ -46,8 +46,15 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<CallReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
     let channels = connect_channels(&args.target, args.load.connections).await?;
     if args.preload {
-        let clients: Vec<_> = channels.iter().cloned().map(client).collect();
-        preload(&clients, workload.keys, &workload.value, PRELOAD_BATCH, 2).await?;
+        preload(
+            &args.target,
+            args.load.connections,
+            workload.keys,
+            &workload.value,
+            PRELOAD_BATCH,
+            2,
+        )
+        .await?;
     }
     let clients: Vec<_> = channels.into_iter().map(BatchClient::new).collect();
     let cpu = CpuWatch::start(args.target.server_pid)?;

@@ -276,7 +276,15 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
     let clients = connect(&args.target, args.load.connections).await?;
     if args.preload {
-        preload(&clients, workload.keys, &workload.value, PRELOAD_BATCH, 2).await?;
+        preload(
+            &args.target,
+            args.load.connections,
+            workload.keys,
+            &workload.value,
+            PRELOAD_BATCH,
+            2,
+        )
+        .await?;
     }
     prepare(&clients[0], &args).await?;
     let plan = Arc::new(Plan::new(&args).await?);

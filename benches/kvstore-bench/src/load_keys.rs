@@ -1,5 +1,8 @@
 //! `load-keys`, and the `--preload` of the other subcommands: every key of a key space set
-//! through Batch calls.
+//! through Batch calls, made with the client library (`kvstore::client`) as any program
+//! writing its data would. The measured calls of the other subcommands use raw connections
+//! of their own (`connect.rs`): N distinct HTTP/2 connections from a chosen source address,
+//! with the least client work, which the library's failover client hides by design.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,14 +10,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use kvstore::pb::{BatchRequest, SetRequest};
+use kvstore::client::{BatchOp, Client};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::connect::{Client, connect, join_all, progress_bar};
+use crate::connect::{join_all, progress_bar};
 use crate::process::{CpuReport, CpuWatch};
 use crate::report::Summary;
-use crate::workload::{Call, KeySpace};
+use crate::workload::KeySpace;
 use crate::{KeyArgs, Target};
 
 #[derive(Debug, Args)]
@@ -40,10 +43,17 @@ pub struct LoadKeysArgs {
 pub async fn load_keys(args: LoadKeysArgs) -> anyhow::Result<LoadReport> {
     let keys = KeySpace::new(&args.keys)?;
     let value: Arc<str> = "x".repeat(args.keys.value_size).into();
-    let clients = connect(&args.target, args.connections).await?;
     let cpu = CpuWatch::start(args.target.server_pid)?;
     let started = Instant::now();
-    preload(&clients, keys, &value, args.batch_size, args.concurrency).await?;
+    preload(
+        &args.target,
+        args.connections,
+        keys,
+        &value,
+        args.batch_size,
+        args.concurrency,
+    )
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(LoadReport {
         mode: "load-keys",
@@ -58,23 +68,37 @@ pub async fn load_keys(args: LoadKeysArgs) -> anyhow::Result<LoadReport> {
     })
 }
 
-/// Sets every key of `keys` to `value`, `batch_size` keys per Batch call, with
-/// `per_connection` calls in flight on each client.
+/// Sets every key of `keys` to `value`, `batch_size` keys per Batch call, over `connections`
+/// clients of the library with `per_connection` calls in flight on each.
 pub async fn preload(
-    clients: &[Client],
+    target: &Target,
+    connections: u32,
     keys: KeySpace,
     value: &Arc<str>,
     batch_size: u64,
     per_connection: u32,
 ) -> anyhow::Result<()> {
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        let mut builder = Client::builder([target.server.uri().to_string()]);
+        if let Some(token) = &target.token {
+            builder = builder.token(token.clone());
+        }
+        clients.push(
+            builder
+                .connect()
+                .await
+                .context("connecting to preload the keys")?,
+        );
+    }
     let count = keys.count;
     let chunks = count.div_ceil(batch_size);
     let next_chunk = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(Some(count), "keys loaded");
     let mut workers = JoinSet::new();
-    for client in clients {
+    for client in &clients {
         for _ in 0..per_connection {
-            let (mut client, value, next_chunk, bar) = (
+            let (client, value, next_chunk, bar) = (
                 client.clone(),
                 value.clone(),
                 next_chunk.clone(),
@@ -89,17 +113,9 @@ pub async fn preload(
                     let range = chunk * batch_size..((chunk + 1) * batch_size).min(count);
                     let ops = range
                         .clone()
-                        .map(|index| {
-                            Call::Set(SetRequest {
-                                key: keys.key(index),
-                                value: value.to_string(),
-                                ..SetRequest::default()
-                            })
-                            .into()
-                        })
-                        .collect();
+                        .map(|index| BatchOp::set(keys.key(index), value.to_string()));
                     client
-                        .batch(BatchRequest { ops })
+                        .batch(ops)
                         .await
                         .with_context(|| format!("setting keys {range:?}"))?;
                     bar.inc(range.end - range.start);

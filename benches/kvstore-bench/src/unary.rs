@@ -52,7 +52,15 @@ pub async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
     let clients = connect(&args.target, args.load.connections).await?;
     if args.preload {
-        preload(&clients, workload.keys, &workload.value, PRELOAD_BATCH, 2).await?;
+        preload(
+            &args.target,
+            args.load.connections,
+            workload.keys,
+            &workload.value,
+            PRELOAD_BATCH,
+            2,
+        )
+        .await?;
     }
     // Every one is open (has its response headers) before the measured load starts.
     let idle_patterns = (0..args.idle_subscribers)
