@@ -17,11 +17,11 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::connect::{MAX_MESSAGE_BYTES, connect_channels, join_all, progress_bar};
-use crate::load_keys::preload;
+use crate::load_keys::preload_workload;
 use crate::pacing::Schedule;
 use crate::process::CpuWatch;
 use crate::report::{CallReport, Latency, Tally, WorkloadReport, by_name};
-use crate::workload::{PRELOAD_BATCH, Workload};
+use crate::workload::Workload;
 use crate::{Load, Mix, Target};
 
 #[derive(Debug, Args)]
@@ -46,15 +46,7 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<CallReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
     let channels = connect_channels(&args.target, args.load.connections).await?;
     if args.preload {
-        preload(
-            &args.target,
-            args.load.connections,
-            workload.keys,
-            &workload.value,
-            PRELOAD_BATCH,
-            2,
-        )
-        .await?;
+        preload_workload(&args.target, args.load.connections, &workload).await?;
     }
     let clients: Vec<_> = channels.into_iter().map(BatchClient::new).collect();
     let cpu = CpuWatch::start(args.target.server_pid)?;

@@ -21,12 +21,12 @@ use kvstore::pb::{BatchRequest, SetRequest, SubscribeRequest};
 use serde::Serialize;
 
 use crate::connect::{Client, connect};
-use crate::load_keys::preload;
+use crate::load_keys::preload_workload;
 use crate::process::{process_cpu, with_peak_rss};
 use crate::report::{Latency, Summary, WorkloadReport, by_name, counts_row, range_of};
 use crate::subscribers::mib;
 use crate::unary::run_unary;
-use crate::workload::{PRELOAD_BATCH, Workload};
+use crate::workload::Workload;
 use crate::{Load, Mix, Target, parse_rate};
 pub use attack::HostileOutcome;
 use attack::{Attack, Plan};
@@ -276,15 +276,7 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<HostileReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
     let clients = connect(&args.target, args.load.connections).await?;
     if args.preload {
-        preload(
-            &args.target,
-            args.load.connections,
-            workload.keys,
-            &workload.value,
-            PRELOAD_BATCH,
-            2,
-        )
-        .await?;
+        preload_workload(&args.target, args.load.connections, &workload).await?;
     }
     prepare(&clients[0], &args).await?;
     let plan = Arc::new(Plan::new(&args).await?);

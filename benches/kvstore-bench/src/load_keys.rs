@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use crate::connect::{join_all, progress_bar};
 use crate::process::{CpuReport, CpuWatch};
 use crate::report::Summary;
-use crate::workload::KeySpace;
+use crate::workload::{KeySpace, PRELOAD_BATCH, Workload};
 use crate::{KeyArgs, Target};
 
 #[derive(Debug, Args)]
@@ -66,6 +66,24 @@ pub async fn load_keys(args: LoadKeysArgs) -> anyhow::Result<LoadReport> {
         keys_per_s: keys.count as f64 / seconds,
         cpu: cpu.stop(keys.count)?,
     })
+}
+
+/// The `--preload` of the subcommands that run a workload: every key of its key space, over
+/// `connections` clients with two Batch calls in flight on each.
+pub async fn preload_workload(
+    target: &Target,
+    connections: u32,
+    workload: &Workload,
+) -> anyhow::Result<()> {
+    preload(
+        target,
+        connections,
+        workload.keys,
+        &workload.value,
+        PRELOAD_BATCH,
+        2,
+    )
+    .await
 }
 
 /// Sets every key of `keys` to `value`, `batch_size` keys per Batch call, over `connections`

@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::connect::{
     Client, STREAMS_PER_CONNECTION, connect, drain, join_all, progress_bar, subscribe_all,
 };
-use crate::load_keys::preload;
+use crate::load_keys::preload_workload;
 use crate::pacing::{Pacer, Schedule};
 use crate::process::CpuWatch;
 use crate::report::{
     CallReport, Latency, OpenLoopReport, Tally, WorkloadReport, by_name, counts_row,
 };
-use crate::workload::{Call, PRELOAD_BATCH, Workload};
+use crate::workload::{Call, Workload};
 use crate::{Load, Mix, Target, parse_rate};
 
 #[derive(Debug, Args)]
@@ -52,15 +52,7 @@ pub async fn unary(args: UnaryArgs) -> anyhow::Result<CallReport> {
     let workload = Arc::new(Workload::new(&args.mix)?);
     let clients = connect(&args.target, args.load.connections).await?;
     if args.preload {
-        preload(
-            &args.target,
-            args.load.connections,
-            workload.keys,
-            &workload.value,
-            PRELOAD_BATCH,
-            2,
-        )
-        .await?;
+        preload_workload(&args.target, args.load.connections, &workload).await?;
     }
     // Every one is open (has its response headers) before the measured load starts.
     let idle_patterns = (0..args.idle_subscribers)
